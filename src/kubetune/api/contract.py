@@ -201,7 +201,7 @@ class RunIdentity(ApiModel):
 class TrainerConfig(ApiModel):
     """Everything the trainer needs, rendered by the operator (or `kubetune run`)."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     """Version of this contract; a trainer refuses versions it does not know."""
 
     run: RunIdentity
@@ -225,7 +225,7 @@ MetricValue = Annotated[StrictStr, Field(max_length=24)]
 class TrainerResult(ApiModel):
     """The trainer's final word, written to the termination message (under 4 KiB)."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     """Version of this contract."""
 
     reason: Reason

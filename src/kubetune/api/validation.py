@@ -18,6 +18,8 @@ from typing import Any
 
 import celpy
 import jsonschema
+from celpy.adapter import json_to_cel
+from celpy.evaluation import CELEvalError
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
@@ -226,28 +228,31 @@ def _field_path(path: str, field_path: str) -> str:
     return (path + field_path) if path else field_path.lstrip(".")
 
 
-def _value_at(value: Any, field_path: str) -> Any:
-    for part in field_path.strip(".").split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
 def cel_errors(obj: dict[str, Any], kind: Kind) -> list[FieldError]:
-    """Failures of the CRD's x-kubernetes-validations rules (on a defaulted object)."""
+    """Failures of the CRD's x-kubernetes-validations rules (on a defaulted object).
+
+    A rule that cannot be evaluated because a value has the wrong type counts as passed:
+    the schema check reports that value.
+    """
     errors = []
     for path, value, schema in _walk_rules(obj, _schema(kind.kind), ""):
         if value is None:
             continue
-        activation = {"self": celpy.json_to_cel(value)}
+        activation = {"self": json_to_cel(value)}
         for rule in schema["x-kubernetes-validations"]:
-            result = _program(rule["rule"]).evaluate(activation)
-            if isinstance(result, celpy.CELEvalError) or not bool(result):
-                field_path = rule.get("fieldPath", "")
-                shown = _value_at(value, field_path) if field_path else value
+            try:
+                result = _program(rule["rule"]).evaluate(activation)
+            except CELEvalError:
+                continue
+            if isinstance(result, CELEvalError):
+                continue
+            if not bool(result):
+                # The API server shows the type of the node the rule is attached to, and
+                # reports the error at the rule's fieldPath.
                 errors.append(
                     FieldError(
-                        _field_path(path, field_path),
-                        f"Invalid value: {json.dumps(_type_name(shown))}: {rule['message']}",
+                        _field_path(path, rule.get("fieldPath", "")),
+                        f"Invalid value: {json.dumps(_type_name(value))}: {rule['message']}",
                     )
                 )
     return errors
@@ -302,10 +307,7 @@ def validate_manifest(obj: Any) -> list[FieldError]:
     if not isinstance(metadata, dict) or not (metadata.get("name") or metadata.get("generateName")):
         return [FieldError("metadata.name", "Required value: name or generateName is required")]
     defaulted = apply_defaults(obj, _schema(kind.kind))
-    errors = schema_errors(defaulted, kind)
-    if errors:
-        return errors
-    errors = cel_errors(defaulted, kind)
+    errors = schema_errors(defaulted, kind) + cel_errors(defaulted, kind)
     if errors:
         return errors
     return model_errors(defaulted, kind.model)

@@ -7,7 +7,6 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StrictInt, StrictStr
 
-from kubetune.api import API_VERSION
 from kubetune.api.base import ApiModel, Rule, Uri
 from kubetune.api.meta import SecretRef
 from kubetune.api.uris import (
@@ -313,7 +312,7 @@ class FineTuneJob(ApiModel):
         ),
     )
 
-    api_version: Literal["kubetune.io/v1alpha1"] = API_VERSION
+    api_version: Literal["kubetune.io/v1alpha1"] = "kubetune.io/v1alpha1"
     """kubetune.io/v1alpha1."""
 
     kind: Literal["FineTuneJob"] = "FineTuneJob"

@@ -7,7 +7,6 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StrictInt, StrictStr
 
-from kubetune.api import API_VERSION
 from kubetune.api.base import DNS_LABEL_PATTERN, ApiModel, Decimal, Fraction, Quantity, Rule, Uri
 from kubetune.api.meta import (
     Affinity,
@@ -345,7 +344,7 @@ class ModelDeployment(ApiModel):
         ),
     )
 
-    api_version: Literal["kubetune.io/v1alpha1"] = API_VERSION
+    api_version: Literal["kubetune.io/v1alpha1"] = "kubetune.io/v1alpha1"
     """kubetune.io/v1alpha1."""
 
     kind: Literal["ModelDeployment"] = "ModelDeployment"

@@ -1,0 +1,7 @@
+"""`python -m kubetune` runs the command line."""
+
+import sys
+
+from kubetune.cli import main
+
+sys.exit(main())
