@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEV_STAMP := $(VENV)/.stamp-dev
+# Built once per machine and shared by clones: the real CRD API server and etcd.
+export KUBETUNE_K8S_CACHE ?= $(HOME)/.cache/kubetune/k8s
 
 .PHONY: help dev test lint generate verify apiserver lock clean
 

@@ -11,7 +11,7 @@ from kubetune.api.crd import KINDS
 from kubetune.api.validation import model_errors, validate_manifest
 
 CASES = load_catalog()
-RULE_MESSAGE = re.compile(r'^Invalid value: "object": (?P<rule>.+)$')
+RULE_MESSAGE = re.compile(r'^Invalid value: (?P<rule>[^"0-9-].+)$')
 
 
 def test_catalog_is_large_enough() -> None:

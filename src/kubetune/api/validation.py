@@ -27,6 +27,11 @@ from kubetune.api import API_VERSION
 from kubetune.api.crd import KINDS, Kind, openapi_schema
 
 Schema = dict[str, Any]
+UNCHECKED_RULES = (
+    "Invalid value: null: some validation rules were not checked because the object was "
+    "invalid; correct the existing errors to complete validation"
+)
+_BLOCKING = ("Required value", "Unsupported value", "Too long", "Too many", "unknown field")
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,11 @@ class FieldError:
 
     path: str
     detail: str
+
+    @property
+    def blocks_rules(self) -> bool:
+        """Schema errors after which the API server skips the CEL rules."""
+        return self.detail.startswith(_BLOCKING) or " in body must be of type " in self.detail
 
     def __str__(self) -> str:
         return f"{self.path}: {self.detail}" if self.path else self.detail
@@ -247,12 +257,11 @@ def cel_errors(obj: dict[str, Any], kind: Kind) -> list[FieldError]:
             if isinstance(result, CELEvalError):
                 continue
             if not bool(result):
-                # The API server shows the type of the node the rule is attached to, and
-                # reports the error at the rule's fieldPath.
+                # The API server reports the rule's message at the rule's fieldPath.
                 errors.append(
                     FieldError(
                         _field_path(path, rule.get("fieldPath", "")),
-                        f"Invalid value: {json.dumps(_type_name(value))}: {rule['message']}",
+                        f"Invalid value: {rule['message']}",
                     )
                 )
     return errors
@@ -307,7 +316,15 @@ def validate_manifest(obj: Any) -> list[FieldError]:
     if not isinstance(metadata, dict) or not (metadata.get("name") or metadata.get("generateName")):
         return [FieldError("metadata.name", "Required value: name or generateName is required")]
     defaulted = apply_defaults(obj, _schema(kind.kind))
-    errors = schema_errors(defaulted, kind) + cel_errors(defaulted, kind)
+    errors = schema_errors(defaulted, kind)
+    unknown = [e for e in errors if e.detail.startswith("unknown field")]
+    if unknown:
+        # Strict field validation refuses the request before validating anything else.
+        return unknown
+    if any(e.blocks_rules for e in errors):
+        # Like the API server: CEL rules are not evaluated on an object with these errors.
+        return [*errors, FieldError("", UNCHECKED_RULES)]
+    errors += cel_errors(defaulted, kind)
     if errors:
         return errors
     return model_errors(defaulted, kind.model)
