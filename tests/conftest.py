@@ -34,3 +34,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def builtin_model_dir() -> Path:
+    """The built-in SmolLM2-135M-Instruct as a plain HF folder (converted once, cached in
+    $KUBETUNE_CACHE_DIR or ~/.cache/kubetune/models)."""
+    from kubetune.api.v1alpha1.finetunejob import ModelSource
+    from kubetune.trainer.resolve import resolve_model
+
+    return resolve_model(ModelSource(uri="builtin://smollm2-135m-instruct")).path

@@ -28,6 +28,7 @@ def imported_after(module: str) -> set[str]:
         "kubetune.api.contract",
         "kubetune.calc",
         "kubetune.cli",
+        "kubetune.storage.layout",
     ],
 )
 def test_light_modules_never_import_ml_or_kubernetes_libraries(module: str) -> None:

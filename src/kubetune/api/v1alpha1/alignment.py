@@ -130,14 +130,14 @@ class RLHFAlgorithm(str, Enum):
     GRPO = "GRPO"
 
 
-class GenerationSpec(ApiModel):
-    """Sampling settings for generated text."""
+class RolloutSpec(ApiModel):
+    """Sampling settings for RLHF rollouts."""
 
     max_new_tokens: Annotated[StrictInt, Field(ge=1, le=32768)] = 128
     """Longest generation in tokens."""
 
     temperature: Decimal = "1.0"
-    """Sampling temperature ("0" is greedy)."""
+    """Sampling temperature (rollouts need sampling: keep it above 0)."""
 
     top_p: Fraction = "1.0"
     """Nucleus sampling threshold."""
@@ -180,8 +180,8 @@ class RLHFSpec(ApiModel):
     num_generations: Annotated[StrictInt, Field(ge=1, le=256)] = 4
     """Completions sampled per prompt (RLOO, GRPO group size)."""
 
-    generation: GenerationSpec | None = None
-    """Sampling settings for rollouts."""
+    generation: RolloutSpec | None = None
+    """Sampling settings for rollouts (default: temperature 1.0, 128 new tokens)."""
 
     ppo: PPOSpec | None = None
     """PPO-only settings."""

@@ -7,11 +7,23 @@ from typing import Annotated
 
 from pydantic import Field, StrictInt, StrictStr
 
-from kubetune.api.base import ApiModel, Rule, SignedDecimal, Text, Uri
+from kubetune.api.base import ApiModel, Decimal, Fraction, Rule, SignedDecimal, Text, Uri
 from kubetune.api.meta import SecretKeyRef
 from kubetune.api.uris import DATASET_URI, ENDPOINT_URL, matches
-from kubetune.api.v1alpha1.alignment import GenerationSpec
 from kubetune.api.v1alpha1.dataset import DatasetSpec
+
+
+class GenerationSpec(ApiModel):
+    """How answers are generated for the generation metrics."""
+
+    max_new_tokens: Annotated[StrictInt, Field(ge=1, le=32768)] = 128
+    """Longest answer in tokens."""
+
+    temperature: Decimal = "0"
+    """Sampling temperature; "0" is greedy (reproducible)."""
+
+    top_p: Fraction = "1.0"
+    """Nucleus sampling threshold (with temperature above 0)."""
 
 
 class Metric(str, Enum):

@@ -1,0 +1,326 @@
+"""`S3Store`: the artifact store on `s3://bucket/prefix` (AWS S3, MinIO, Ceph, rclone …).
+
+boto3 is imported here only, when a store is created, so the operator and `kubetune
+validate` never load it. Transfers are multipart and parallel above a threshold (boto3's
+transfer manager) and retried by botocore (adaptive mode); path-style addressing and
+SigV4 work with every S3-compatible server. Credentials come from the environment only
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN: the pod gets them from the
+Secret named by `credentialsSecretRef`), never from files or instance metadata. Each
+upload records its sha256 as the object metadata `sha256`; downloads check it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+from kubetune.api.contract import Reason
+from kubetune.storage.errors import (
+    AccessDenied,
+    InvalidKey,
+    ObjectNotFound,
+    StorageError,
+    TransferFailed,
+)
+from kubetune.storage.s3_errors import Direction, TranslatingReader, translate_error
+from kubetune.storage.store import (
+    CHUNK_SIZE,
+    TEMP_MARKER,
+    ObjectInfo,
+    sha256_file,
+    validate_key,
+    validate_prefix,
+)
+
+logger = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+SHA256_METADATA = "sha256"
+"""User metadata key (x-amz-meta-sha256) holding the hex sha256 of the object."""
+
+
+class S3Store:
+    """A store under `s3://bucket/prefix`.
+
+    Args:
+        bucket: bucket name.
+        prefix: key prefix of the store root ("" for the whole bucket).
+        endpoint_url: S3 endpoint; default `AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`, or AWS.
+        region: region; default `AWS_REGION`, `AWS_DEFAULT_REGION` or us-east-1.
+        multipart_threshold: files larger than this go multipart (and download in ranges).
+        multipart_chunksize: part size.
+        max_concurrency: parts transferred in parallel.
+        max_attempts: botocore attempts per request, including the first.
+        connect_timeout: seconds to wait for a connection.
+        read_timeout: seconds to wait for data.
+
+    Raises:
+        InvalidKey: the bucket or prefix is malformed.
+        AccessDenied: the environment has no credentials.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        *,
+        multipart_threshold: int = 64 * MIB,
+        multipart_chunksize: int = 64 * MIB,
+        max_concurrency: int = 8,
+        max_attempts: int = 10,
+        connect_timeout: float = 10,
+        read_timeout: float = 120,
+    ) -> None:
+        if not BUCKET_PATTERN.match(bucket):
+            raise InvalidKey(
+                f"invalid S3 bucket name {bucket!r} in s3://{bucket}/{prefix}: 3-63 lowercase "
+                "letters, digits, dots and hyphens"
+            )
+        self.bucket = bucket
+        self.prefix = validate_key(prefix.strip("/")) if prefix.strip("/") else ""
+        self._root = f"{self.prefix}/" if self.prefix else ""
+        self.endpoint_url = (
+            endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or None
+        )
+        self.region = (
+            region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        ) or "us-east-1"
+        self.max_attempts = max_attempts
+
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
+        from s3transfer.exceptions import RetriesExceededError
+
+        self._errors: tuple[type[Exception], ...] = (
+            ClientError,
+            BotoCoreError,
+            RetriesExceededError,
+        )
+        key_id = os.environ.get("AWS_ACCESS_KEY_ID")
+        secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if not key_id or not secret:
+            raise AccessDenied(
+                f"no S3 credentials for {self.uri}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (in a cluster: the Secret named by credentialsSecretRef)",
+                uri=self.uri,
+            )
+        session = boto3.session.Session(
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+            aws_session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
+            region_name=self.region,
+        )
+        config = Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": max_attempts, "mode": "adaptive"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_pool_connections=max(10, 2 * max_concurrency),
+        )
+        self._client: Any = session.client("s3", endpoint_url=self.endpoint_url, config=config)
+        self._transfer_config = TransferConfig(
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=multipart_chunksize,
+            max_concurrency=max_concurrency,
+            use_threads=True,
+            preferred_transfer_client="classic",
+        )
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.uri!r}, endpoint_url={self.endpoint_url!r})"
+
+    @property
+    def uri(self) -> str:
+        """The store root URI."""
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def uri_for(self, key: str) -> str:
+        """The URI of one key."""
+        return f"{self.uri}/{validate_key(key)}"
+
+    def _key(self, key: str) -> str:
+        return self._root + validate_key(key)
+
+    @contextmanager
+    def _manager(self) -> Iterator[Any]:
+        from boto3.s3.transfer import create_transfer_manager
+
+        with create_transfer_manager(self._client, self._transfer_config) as manager:
+            yield manager
+
+    def _translate(self, exc: Exception, uri: str, direction: Direction) -> StorageError:
+        return translate_error(
+            exc,
+            uri,
+            direction,
+            bucket=self.bucket,
+            endpoint=self.endpoint_url or "AWS S3",
+            attempts=self.max_attempts,
+        )
+
+    def put_file(self, local_path: str | os.PathLike[str], key: str) -> ObjectInfo:
+        """Upload a file (multipart and parallel above the threshold) with its sha256."""
+        full = self._key(key)
+        try:
+            size, sha256 = sha256_file(local_path)
+        except OSError as exc:
+            raise ObjectNotFound(
+                f"cannot read local file {local_path}: {exc.strerror or exc}", uri=str(local_path)
+            ) from exc
+        extra = {"Metadata": {SHA256_METADATA: sha256}}
+        try:
+            with self._manager() as manager:
+                manager.upload(os.fspath(local_path), self.bucket, full, extra_args=extra).result()
+        except self._errors as exc:
+            raise self._translate(exc, self.uri_for(key), "upload") from exc
+        logger.debug("Uploaded %s (%d bytes)", self.uri_for(key), size)
+        return ObjectInfo(key=key, size=size, sha256=sha256)
+
+    def put_bytes(self, data: bytes, key: str) -> ObjectInfo:
+        """Upload small content in one request."""
+        import hashlib
+
+        sha256 = hashlib.sha256(data).hexdigest()
+        try:
+            self._client.put_object(
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Body=data,
+                Metadata={SHA256_METADATA: sha256},
+            )
+        except self._errors as exc:
+            raise self._translate(exc, self.uri_for(key), "upload") from exc
+        return ObjectInfo(key=key, size=len(data), sha256=sha256)
+
+    def get_file(self, key: str, local_path: str | os.PathLike[str]) -> ObjectInfo:
+        """Download (ranged and parallel above the threshold) into a temporary file, check
+        the size and the recorded sha256, then rename it to `local_path`."""
+        uri = self.uri_for(key)
+        full = self._key(key)
+        dest = Path(local_path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=TEMP_MARKER, dir=dest.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            try:
+                head = self._client.head_object(Bucket=self.bucket, Key=full)
+                with self._manager() as manager:
+                    manager.download(self.bucket, full, tmp_name).result()
+            except self._errors as exc:
+                raise self._translate(exc, uri, "download") from exc
+            size, sha256 = sha256_file(tmp)
+            expected = head.get("Metadata", {}).get(SHA256_METADATA)
+            if size != head.get("ContentLength", size) or (expected and expected != sha256):
+                raise TransferFailed(
+                    f"download of {uri} is corrupt (size {size}, sha256 {sha256}; the store "
+                    f"recorded {head.get('ContentLength')} bytes, sha256 {expected}): retry",
+                    uri=uri,
+                    reason=Reason.DOWNLOAD_FAILED,
+                )
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return ObjectInfo(key=key, size=size, sha256=sha256)
+
+    def get_bytes(self, key: str) -> bytes:
+        """Read a small object whole."""
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            with response["Body"] as body:
+                return cast(bytes, body.read())
+        except self._errors as exc:
+            raise self._translate(exc, self.uri_for(key), "download") from exc
+
+    def open_read(self, key: str) -> BinaryIO:
+        """A streaming, buffered reader of the object body; close it when done. Errors while
+        reading surface as `TransferFailed`, like every other failure of the store."""
+        uri = self.uri_for(key)
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except self._errors as exc:
+            raise self._translate(exc, uri, "download") from exc
+        raw = TranslatingReader(
+            response["Body"], self._errors, lambda exc: self._translate(exc, uri, "download")
+        )
+        return io.BufferedReader(raw, buffer_size=CHUNK_SIZE)
+
+    def exists(self, key: str) -> bool:
+        """Whether the object exists (HEAD; 404 is False, 403 raises `AccessDenied`)."""
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except self._errors as exc:
+            error = self._translate(exc, self.uri_for(key), "download")
+            if isinstance(error, ObjectNotFound):
+                return False
+            raise error from exc
+        return True
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object under the folder `prefix`, sorted by key (sha256 not fetched)."""
+        folder = validate_prefix(prefix)
+        found: list[ObjectInfo] = []
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._root + folder
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    key = str(item["Key"])[len(self._root) :]
+                    try:
+                        validate_key(key)
+                    except InvalidKey:
+                        logger.debug("Skipping unaddressable key %r", item["Key"])
+                        continue
+                    found.append(ObjectInfo(key=key, size=int(item["Size"])))
+        except self._errors as exc:
+            raise self._translate(exc, self.uri + "/" + folder, "download") from exc
+        return sorted(found, key=lambda info: info.key)
+
+    def delete(self, key: str) -> None:
+        """Delete one object (missing is fine)."""
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except self._errors as exc:
+            raise self._translate(exc, self.uri_for(key), "upload") from exc
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under the folder `prefix`, 1000 per request."""
+        folder = validate_prefix(prefix)
+        if not folder:
+            raise StorageError(f"refusing to delete the whole store {self.uri}", uri=self.uri)
+        keys = [self._root + info.key for info in self.list(folder)]
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            try:
+                response = self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+            except self._errors as exc:
+                raise self._translate(exc, f"{self.uri}/{folder}", "upload") from exc
+            if response.get("Errors"):
+                first = response["Errors"][0]
+                raise TransferFailed(
+                    f"could not delete {len(response['Errors'])} objects under "
+                    f"{self.uri}/{folder} (first: {first.get('Key')}: {first.get('Code')})",
+                    uri=f"{self.uri}/{folder}",
+                )
+        return len(keys)
