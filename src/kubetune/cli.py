@@ -108,6 +108,46 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fail(reason: object, message: str) -> int:
+    from kubetune.api.contract import Reason, exit_code_for
+
+    print(f"error: {message}", file=sys.stderr)
+    return exit_code_for(reason) if isinstance(reason, Reason) else 1
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from kubetune.api.contract import Reason
+    from kubetune.runs import JobFileError, load_job, local_layout
+    from kubetune.storage import StorageError, open_store
+    from kubetune.trainer.data.prepare import DataStageError
+    from kubetune.trainer.data_stage import run_data_stage
+    from kubetune.trainer.resolve import ModelResolutionError, resolve_model
+
+    try:
+        job = load_job(args.job)
+    except JobFileError as exc:
+        return _fail(Reason.INVALID_SPEC, str(exc))
+    try:
+        layout = local_layout(job, args.output)
+        store = open_store(layout.output_uri)
+        resolved = resolve_model(job.spec.model, allow_builtin_random=True)
+        with tempfile.TemporaryDirectory(prefix="kubetune-prepare-") as work:
+            run_data_stage(
+                job.spec,
+                layout,
+                store,
+                tokenizer_dir=resolved.path,
+                work_dir=Path(work),
+                log=lambda line: print(line, file=sys.stderr),
+            )
+    except (DataStageError, ModelResolutionError, StorageError) as exc:
+        return _fail(exc.reason, str(exc))
+    print(layout.run_uri)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetune",
@@ -134,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     crds.add_argument("--output-dir", metavar="DIR", help="write one YAML file per CRD here")
     crds.set_defaults(func=cmd_crds)
+
+    prepare = sub.add_parser(
+        "prepare",
+        help="run the data stage of a FineTuneJob locally",
+        description="Read, clean, deduplicate and split spec.dataset, and write "
+        "RUN_URI/data/ (train.jsonl, val.jsonl, report.json, token-lengths.png). Prints "
+        "the RUN_URI last. See docs/data.md.",
+    )
+    prepare.add_argument("job", metavar="JOB.yaml", help="a file with one FineTuneJob")
+    prepare.add_argument(
+        "--output", metavar="ROOT", help="artifact root (default: spec.output.uri or ./artifacts)"
+    )
+    prepare.set_defaults(func=cmd_prepare)
     return parser
 
 

@@ -1,0 +1,74 @@
+"""The data stage of a run: prepare `spec.dataset` and publish it under RUN_URI/data/.
+
+Idempotent: a run whose `data/report.json` exists (it is uploaded last) is not prepared
+again, so a restarted pod goes straight to training.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
+from kubetune.api.v1alpha1.training import TrainingSpec
+from kubetune.storage import RunLayout, Store
+from kubetune.trainer.data.prepare import prepare_dataset
+
+DATA_FILES = ("data/train.jsonl", "data/val.jsonl", "data/token-lengths.png")
+
+
+@dataclass(frozen=True)
+class DataStageResult:
+    """Where the prepared data is, and its report."""
+
+    train_uri: str
+    validation_uri: str
+    report: dict[str, Any]
+    reused: bool
+
+
+def run_data_stage(
+    spec: FineTuneJobSpec,
+    layout: RunLayout,
+    store: Store,
+    *,
+    tokenizer_dir: Path,
+    work_dir: Path,
+    log: Callable[[str], None] = print,
+) -> DataStageResult:
+    """Prepare the dataset once per run and publish it (report.json last)."""
+    report_key = layout.key(layout.DATA_REPORT)
+    if store.exists(report_key):
+        log(f"Data already prepared: {layout.uri_for(layout.DATA_REPORT)}")
+        report = json.loads(store.get_bytes(report_key))
+        return DataStageResult(
+            layout.uri_for(layout.DATA_TRAIN), layout.uri_for(layout.DATA_VAL), report, True
+        )
+    training = spec.training or TrainingSpec()
+    prepared = prepare_dataset(
+        spec.dataset,
+        tokenizer_dir=tokenizer_dir,
+        max_seq_length=training.max_seq_length,
+        out_dir=work_dir / "data",
+        work_dir=work_dir / "data-work",
+        log=log,
+    )
+    for local, key in (
+        (prepared.train, layout.DATA_TRAIN),
+        (prepared.validation, layout.DATA_VAL),
+        (prepared.histogram, "data/token-lengths.png"),
+        (prepared.report, layout.DATA_REPORT),
+    ):
+        store.put_file(local, layout.key(key))
+    counts = prepared.summary["counts"]
+    log(
+        f"Prepared {counts['train']} training and {counts['validation']} validation examples "
+        f"from {counts['rows']} rows ({counts['invalid']} invalid, {counts['filtered']} "
+        f"filtered, {counts['duplicates']} duplicates)"
+    )
+    return DataStageResult(
+        layout.uri_for(layout.DATA_TRAIN), layout.uri_for(layout.DATA_VAL), prepared.summary, False
+    )
