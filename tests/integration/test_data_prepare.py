@@ -268,3 +268,42 @@ def test_missing_source_is_source_not_found(tmp_path: Path, builtin_model_dir: P
     with pytest.raises(DataStageError) as info:
         run(tmp_path, builtin_model_dir, uri=str(tmp_path / "nope-*.jsonl"))
     assert info.value.reason == Reason.SOURCE_NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("chat_template", "expected"),
+    [
+        (None, "Model"),
+        ({"preset": "ChatML"}, "ChatML"),
+        ({"preset": "Alpaca"}, "Alpaca"),
+        ({"jinja": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"}, "Jinja"),
+    ],
+    ids=["model", "chatml", "alpaca", "jinja"],
+)
+def test_chat_template_choice_changes_token_counts(
+    tmp_path: Path, builtin_model_dir: Path, chat_template: dict[str, str] | None, expected: str
+) -> None:
+    source = write_jsonl(tmp_path / "c.jsonl", [alpaca(i) for i in range(10)])
+    extra = {"chatTemplate": chat_template} if chat_template else {}
+    result = run(tmp_path, builtin_model_dir, uri=str(source), **extra)
+    assert result.summary["chatTemplate"] == expected
+    tokens = result.summary["tokens"]["train"]["max"]
+    # SmolLM2's own template adds a default system prompt; the bare Jinja one adds nothing.
+    bounds = {"Model": (45, 70), "ChatML": (20, 40), "Alpaca": (20, 40), "Jinja": (10, 30)}
+    low, high = bounds[expected]
+    assert low <= tokens <= high
+
+
+def test_max_turns_counts(tmp_path: Path, builtin_model_dir: Path) -> None:
+    def conversation(turns: int) -> dict[str, Any]:
+        return {
+            "messages": [
+                {"role": "user" if t % 2 == 0 else "assistant", "content": f"turn {t}"}
+                for t in range(turns)
+            ]
+        }
+
+    rows = [conversation(2)] * 1 + [conversation(4), conversation(6), conversation(8)]
+    source = write_jsonl(tmp_path / "m.jsonl", rows)
+    result = run(tmp_path, builtin_model_dir, uri=str(source), filters={"maxTurns": 4})
+    assert result.summary["filteredByReason"] == {"too-many-turns": 2}

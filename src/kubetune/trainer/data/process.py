@@ -34,6 +34,8 @@ class RowSettings:
     redact_pii: bool
     near_threshold: float | None
     tokenizer_dir: str
+    chat_template: str | None = None
+    """A Jinja chat template overriding the model's (dataset.chatTemplate)."""
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,12 @@ _COUNTER: TokenCounter | None = None
 
 def _counter(settings: RowSettings) -> TokenCounter:
     global _COUNTER
-    if _COUNTER is None or _COUNTER.tokenizer_dir != settings.tokenizer_dir:
-        _COUNTER = TokenCounter(settings.tokenizer_dir)
+    if (
+        _COUNTER is None
+        or _COUNTER.tokenizer_dir != settings.tokenizer_dir
+        or _COUNTER.chat_template != settings.chat_template
+    ):
+        _COUNTER = TokenCounter(settings.tokenizer_dir, settings.chat_template)
     return _COUNTER
 
 

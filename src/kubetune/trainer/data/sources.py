@@ -146,6 +146,7 @@ def _https_file(uri: str, cache_dir: Path) -> SourceFile:
                     out.write(chunk)
             partial.replace(target)
     except urllib.error.HTTPError as exc:
+        exc.close()  # an HTTPError holds the open response
         if exc.code in (401, 403):
             raise DataSourceError(
                 Reason.SOURCE_UNAUTHORIZED, f"{uri}: HTTP {exc.code}; check the credentials"

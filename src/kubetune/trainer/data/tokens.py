@@ -13,11 +13,12 @@ from typing import Any
 class TokenCounter:
     """Counts tokens with one tokenizer (loaded once per process)."""
 
-    def __init__(self, tokenizer_dir: str) -> None:
+    def __init__(self, tokenizer_dir: str, chat_template: str | None = None) -> None:
         from kubetune.trainer.resolve import load_tokenizer
 
         self.tokenizer_dir = tokenizer_dir
-        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.chat_template = chat_template
+        self.tokenizer = load_tokenizer(tokenizer_dir, chat_template=chat_template)
 
     def _render(self, messages: list[dict[str, str]]) -> str:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False)

@@ -15,12 +15,15 @@ from kubetune.trainer.resolve.cache import CACHE_DIR_ENV, MARKER, default_cache_
 from kubetune.trainer.resolve.errors import ModelResolutionError
 from kubetune.trainer.resolve.resolver import ResolvedModel, build_random_model, resolve_model
 from kubetune.trainer.resolve.tokenizer import (
+    ALPACA_TEMPLATE,
     CHATML_TEMPLATE,
+    chat_template_override,
     load_tokenizer,
     uses_fallback_chat_template,
 )
 
 __all__ = [
+    "ALPACA_TEMPLATE",
     "BUILTIN_MODEL_URI",
     "CACHE_DIR_ENV",
     "CHATML_TEMPLATE",
@@ -28,6 +31,7 @@ __all__ = [
     "ModelResolutionError",
     "ResolvedModel",
     "build_random_model",
+    "chat_template_override",
     "default_cache_root",
     "load_tokenizer",
     "resolve_model",

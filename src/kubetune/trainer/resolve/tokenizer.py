@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from kubetune.api.contract import Reason
+from kubetune.api.v1alpha1.dataset import ChatTemplate, ChatTemplatePreset
 from kubetune.trainer.resolve.errors import ModelResolutionError
 
 if TYPE_CHECKING:
@@ -33,11 +34,37 @@ CHATML_TEMPLATE = (
 """The fallback chat template (ChatML)."""
 
 
+ALPACA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+    "{% else %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+)
+"""The Alpaca prompt format as a chat template (`dataset.chatTemplate.preset: Alpaca`)."""
+
+
+def chat_template_override(choice: ChatTemplate | None) -> str | None:
+    """The Jinja template `spec.dataset.chatTemplate` asks for; None keeps the model's own
+    (or the ChatML fallback when it has none)."""
+    if choice is None:
+        return None
+    if choice.jinja is not None:
+        return choice.jinja
+    return {
+        ChatTemplatePreset.MODEL: None,
+        ChatTemplatePreset.CHATML: CHATML_TEMPLATE,
+        ChatTemplatePreset.ALPACA: ALPACA_TEMPLATE,
+    }[choice.preset]
+
+
 def load_tokenizer(
     model_dir: str | Path,
     *,
     trust_remote_code: bool = False,
     padding_side: Literal["left", "right"] = "right",
+    chat_template: str | None = None,
 ) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a resolved model folder.
 
@@ -45,6 +72,8 @@ def load_tokenizer(
         model_dir: the folder (`ResolvedModel.path`).
         trust_remote_code: `spec.model.trustRemoteCode` (custom tokenizer classes).
         padding_side: "right" for training, "left" for batched generation.
+        chat_template: a Jinja chat template to use instead of the model's own
+            (`chat_template_override(spec.dataset.chatTemplate)`).
 
     Returns:
         The tokenizer, with a chat template and a pad token.
@@ -65,7 +94,9 @@ def load_tokenizer(
             "tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json)",
             uri=str(model_dir),
         ) from err
-    if not tokenizer.chat_template:
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    elif not tokenizer.chat_template:
         tokenizer.chat_template = CHATML_TEMPLATE
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
