@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Any
 
 NUM_PERM = 128
 SHINGLE_WORDS = 5
@@ -38,11 +39,23 @@ def bands_for(threshold: float, num_perm: int = NUM_PERM) -> tuple[tuple[int, in
     return tuple(MinHashLSH(threshold=threshold, num_perm=num_perm).hashranges)
 
 
+@cache
+def _prototype(num_perm: int) -> Any:
+    """A default MinHash (seed 1): its permutations and scheme, generated once per process
+    (datasketch regenerates them for every new MinHash)."""
+    from datasketch import MinHash
+
+    return MinHash(num_perm=num_perm)
+
+
 def band_keys(text: str, threshold: float, num_perm: int = NUM_PERM) -> tuple[int, ...]:
     """One 64-bit key per LSH band of the text's MinHash signature."""
     from datasketch import MinHash
 
-    minhash = MinHash(num_perm=num_perm)
+    prototype = _prototype(num_perm)
+    minhash = MinHash(
+        num_perm=num_perm, permutations=prototype.permutations, scheme=prototype.scheme
+    )
     minhash.update_batch(shingles(text))
     values = minhash.hashvalues
     return tuple(

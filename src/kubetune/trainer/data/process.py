@@ -77,15 +77,20 @@ def _filtered(row: RawRow, reason: str, message: str) -> Dropped:
     return Dropped(row.where, FILTERED, reason, message)
 
 
-def process_row(row: RawRow, fmt: DataFormat, settings: RowSettings) -> Kept | Dropped:
-    """One row through every per-row step."""
+def _parse(row: RawRow, fmt: DataFormat, settings: RowSettings) -> dict[str, Any] | Dropped:
+    """Convert, normalize and check one row."""
     try:
         example = cleaning.normalize(convert(row, fmt, settings.columns, settings.system_prompt))
         cleaning.check_structure(example)
     except RowError as exc:
         return Dropped(row.where, INVALID, exc.reason, exc.detail or exc.reason)
-    counter = _counter(settings)
-    tokens = counter.count(example)
+    return example
+
+
+def _filter(
+    row: RawRow, example: dict[str, Any], tokens: int, settings: RowSettings
+) -> Dropped | None:
+    """Length, garbage and turn filters, in the documented order."""
     if settings.min_tokens is not None and tokens < settings.min_tokens:
         return _filtered(row, "too-short", f"{tokens} tokens < minTokens {settings.min_tokens}")
     if tokens > settings.max_tokens:
@@ -99,29 +104,51 @@ def process_row(row: RawRow, fmt: DataFormat, settings: RowSettings) -> Kept | D
         return _filtered(row, "repetitive", f"{ratio:.0%} repeated word 3-grams")
     if settings.max_turns is not None and cleaning.turn_count(example) > settings.max_turns:
         return _filtered(row, "too-many-turns", f"more than maxTurns {settings.max_turns} turns")
-    redaction = cleaning.Redaction()
-    if settings.redact_pii:
-        example, redaction = cleaning.redact(example)
-        if redaction.total:
-            tokens = counter.count(example)
-    example.update(counter.details(example) if "chosen" in example else {"tokens": tokens})
-    canonical = cleaning.canonical_text(example)
-    bands = (
-        dedup.band_keys(canonical, settings.near_threshold)
-        if settings.near_threshold is not None
-        else None
-    )
-    return Kept(row.where, example, dedup.exact_key(canonical), bands, redaction)
+    return None
 
 
 def process_chunk(
     chunk: list[RawRow | BadRow], fmt: DataFormat, settings: RowSettings
 ) -> list[Kept | Dropped]:
-    """A chunk of rows, in order (the unit of work sent to a worker)."""
-    out: list[Kept | Dropped] = []
-    for row in chunk:
+    """A chunk of rows through every per-row step, results in input order (the unit of
+    work sent to a worker; token counts are one batched tokenizer call)."""
+    counter = _counter(settings)
+    results: list[Kept | Dropped | None] = [None] * len(chunk)
+    parsed: list[tuple[int, RawRow, dict[str, Any]]] = []
+    for index, row in enumerate(chunk):
         if isinstance(row, BadRow):
-            out.append(Dropped(row.where, INVALID, row.reason, row.detail))
+            results[index] = Dropped(row.where, INVALID, row.reason, row.detail)
+            continue
+        example = _parse(row, fmt, settings)
+        if isinstance(example, Dropped):
+            results[index] = example
         else:
-            out.append(process_row(row, fmt, settings))
-    return out
+            parsed.append((index, row, example))
+    survivors: list[tuple[int, RawRow, dict[str, Any], dict[str, int], cleaning.Redaction]] = []
+    for (index, row, example), tokens in zip(
+        parsed, counter.count_many([e for _, _, e in parsed]), strict=True
+    ):
+        dropped = _filter(row, example, tokens["tokens"], settings)
+        if dropped is not None:
+            results[index] = dropped
+            continue
+        redaction = cleaning.Redaction()
+        if settings.redact_pii:
+            example, redaction = cleaning.redact(example)
+        survivors.append((index, row, example, tokens, redaction))
+    redacted = [i for i, item in enumerate(survivors) if item[4].total]
+    for position, tokens in zip(
+        redacted, counter.count_many([survivors[i][2] for i in redacted]), strict=True
+    ):
+        index, row, example, _, redaction = survivors[position]
+        survivors[position] = (index, row, example, tokens, redaction)
+    for index, row, example, tokens, redaction in survivors:
+        example.update(tokens)
+        canonical = cleaning.canonical_text(example)
+        bands = (
+            dedup.band_keys(canonical, settings.near_threshold)
+            if settings.near_threshold is not None
+            else None
+        )
+        results[index] = Kept(row.where, example, dedup.exact_key(canonical), bands, redaction)
+    return [r for r in results if r is not None]

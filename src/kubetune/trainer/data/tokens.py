@@ -1,8 +1,8 @@
 """Token counts of examples, as the trainer will see them.
 
-Conversations are rendered with the model's chat template (ChatML when it has none) and
-tokenized without adding special tokens again; raw text gets the end-of-sequence token the
-trainer appends.
+Conversations are rendered with the chosen chat template and tokenized without adding
+special tokens again; raw text gets the end-of-sequence token the trainer appends. Counts
+are computed a chunk at a time: one batched call into the Rust tokenizer per chunk.
 """
 
 from __future__ import annotations
@@ -19,29 +19,51 @@ class TokenCounter:
         self.tokenizer_dir = tokenizer_dir
         self.chat_template = chat_template
         self.tokenizer = load_tokenizer(tokenizer_dir, chat_template=chat_template)
+        self._eos = 1 if self.tokenizer.eos_token_id is not None else 0
 
     def _render(self, messages: list[dict[str, str]]) -> str:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return str(text)
+        return str(self.tokenizer.apply_chat_template(messages, tokenize=False))
 
-    def _length(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def _texts(self, example: dict[str, Any]) -> list[str]:
+        if "text" in example:
+            return [example["text"]]
+        if "chosen" in example:
+            return [
+                self._render([*example["prompt"], *example["chosen"]]),
+                self._render([*example["prompt"], *example["rejected"]]),
+            ]
+        return [self._render(example["messages"])]
 
-    def count_messages(self, messages: list[dict[str, str]]) -> int:
-        """Tokens of a rendered conversation."""
-        return self._length(self._render(messages))
+    def count_many(self, examples: list[dict[str, Any]]) -> list[dict[str, int]]:
+        """Token counts for each example: {"tokens": n}, and for preference pairs also
+        "chosenTokens" / "rejectedTokens" ("tokens" is the longer of the two)."""
+        texts: list[str] = []
+        spans: list[int] = []
+        for example in examples:
+            parts = self._texts(example)
+            texts.extend(parts)
+            spans.append(len(parts))
+        if not texts:
+            return []
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        lengths = iter(len(ids) for ids in encoded)
+        counts = []
+        for example, span in zip(examples, spans, strict=True):
+            if "text" in example:
+                counts.append({"tokens": next(lengths) + self._eos})
+            elif span == 2:
+                chosen, rejected = next(lengths), next(lengths)
+                counts.append(
+                    {
+                        "tokens": max(chosen, rejected),
+                        "chosenTokens": chosen,
+                        "rejectedTokens": rejected,
+                    }
+                )
+            else:
+                counts.append({"tokens": next(lengths)})
+        return counts
 
     def count(self, example: dict[str, Any]) -> int:
-        """Tokens of an example; for preference pairs, the longer of the two sequences."""
-        if "text" in example:
-            eos = 1 if self.tokenizer.eos_token_id is not None else 0
-            return self._length(example["text"]) + eos
-        if "chosen" in example:
-            return self.details(example)["tokens"]
-        return self.count_messages(example["messages"])
-
-    def details(self, example: dict[str, Any]) -> dict[str, int]:
-        """Token counts stored with a preference pair."""
-        chosen = self.count_messages([*example["prompt"], *example["chosen"]])
-        rejected = self.count_messages([*example["prompt"], *example["rejected"]])
-        return {"tokens": max(chosen, rejected), "chosenTokens": chosen, "rejectedTokens": rejected}
+        """Tokens of one example (for preference pairs, the longer sequence)."""
+        return self.count_many([example])[0]["tokens"]
