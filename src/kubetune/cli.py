@@ -148,6 +148,152 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_summary(result: object) -> None:
+    import json as _json
+
+    from kubetune.storage import open_store, parse_run_uri
+
+    layout = parse_run_uri(result.run_uri)  # type: ignore[attr-defined]
+    store = open_store(layout.output_uri)
+    metrics = _json.loads(store.get_bytes(layout.key(layout.EVAL_METRICS)))
+    rows = sorted(set(metrics["base"]) | set(metrics["tuned"]))
+    if rows:
+        print(f"{'metric':<14}{'base':>12}{'tuned':>12}{'delta':>12}", file=sys.stderr)
+        for key in rows:
+            base, tuned = metrics["base"].get(key), metrics["tuned"].get(key)
+            cells = [
+                f"{v:>12.4f}" if isinstance(v, float | int) else f"{'-':>12}" for v in (base, tuned)
+            ]
+            delta = metrics["delta"].get(key)
+            cells.append(f"{delta:>+12.4f}" if delta is not None else f"{'-':>12}")
+            print(f"{key:<14}{''.join(cells)}", file=sys.stderr)
+    for outcome in metrics.get("gate", []):
+        rule = outcome["rule"]
+        verdict = "passed" if outcome["passed"] else "FAILED"
+        print(
+            f"gate {rule['metric']} {rule['operator']} {rule['value']} "
+            f"({rule.get('relativeTo', 'Absolute')}): {outcome['value']:.4f} {verdict}",
+            file=sys.stderr,
+        )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+    import shutil
+    import tempfile
+
+    from kubetune.api.contract import Reason, RunIdentity, TrainerConfig
+    from kubetune.runs import JobFileError, load_job, local_layout
+    from kubetune.trainer.runner import execute, exit_code
+
+    try:
+        job = load_job(args.job)
+    except JobFileError as exc:
+        return _fail(Reason.INVALID_SPEC, str(exc))
+    layout = local_layout(job, args.output, new_run=args.new_run)
+    config = TrainerConfig(
+        run=RunIdentity(
+            namespace=layout.namespace,
+            job_name=layout.job_name,
+            run_id=layout.run_id,
+            output_uri=layout.output_uri,
+        ),
+        spec=job.spec,
+        metrics_port=args.metrics_port,
+        allow_builtin_random=True,
+    )
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix=f"kubetune-{layout.run_id}-"))
+    result = execute(config, work, lambda line: print(line, file=sys.stderr), args.metrics_port)
+    code = exit_code(result)
+    if code != 0:
+        print(f"error: {result.reason.value}: {result.message}", file=sys.stderr)
+        print(f"(work files kept in {work})", file=sys.stderr)
+        return code
+    shutil.rmtree(work, ignore_errors=True)
+    _print_summary(result)
+    if result.gate_passed is False:
+        print(
+            "The evaluation gate FAILED: artifacts are published, deployments refuse them.",
+            file=sys.stderr,
+        )
+    print(result.run_uri)
+    return 0
+
+
+def cmd_calc(args: argparse.Namespace) -> int:
+    from kubetune.api.v1alpha1.methods import Method
+    from kubetune.api.v1alpha1.training import DistributedStrategy, Optimizer, Precision
+    from kubetune.calc import (
+        AdapterSettings,
+        ArchitectureError,
+        TrainingSetup,
+        choose_gpus,
+        gpu_class,
+        load_architecture,
+        preflight,
+    )
+    from kubetune.calc.report import calculate, parse_enum, render_text, to_json
+
+    try:
+        gpu = gpu_class(args.gpu_class) if args.gpu_class else None
+        memory: float | None = args.gpu_memory
+        if memory is None and gpu is not None:
+            memory = gpu.memory_gib
+        if args.job:
+            from kubetune.api.contract import Reason
+            from kubetune.runs import JobFileError, load_job
+
+            try:
+                spec = load_job(args.job).spec
+            except JobFileError as exc:
+                return _fail(Reason.INVALID_SPEC, str(exc))
+            arch = load_architecture(spec.model.uri)
+            wanted = spec.resources.gpus if spec.resources else "Auto"
+            if args.gpus is None and wanted == "Auto" and memory:
+                wanted = choose_gpus(spec, arch, memory) or 1
+            gpus = args.gpus or (wanted if isinstance(wanted, int) else 1)
+            setup, auto = preflight(spec, arch, memory, gpus).setup, False
+        else:
+            arch = load_architecture(args.model or args.arch)
+            targets = [t for item in args.target_modules for t in item.split(",") if t]
+            setup = TrainingSetup(
+                method=parse_enum(Method, args.method, "--method"),
+                seq_len=args.seq_len,
+                batch_size=args.batch_size,
+                adapter=AdapterSettings(args.lora_rank, tuple(targets), args.use_dora),
+                gradient_checkpointing=bool(args.gradient_checkpointing),
+                precision=parse_enum(Precision, args.precision, "--precision"),
+                optimizer=parse_enum(Optimizer, args.optimizer, "--optimizer"),
+                gpus=args.gpus or 1,
+                strategy=parse_enum(DistributedStrategy, args.strategy, "--strategy"),
+                fused_loss=not args.full_logits,
+            )
+            auto = args.gradient_checkpointing is None
+        result = calculate(
+            arch,
+            setup,
+            auto_checkpointing=auto,
+            gpu=gpu,
+            gpu_memory_gib=memory,
+            tokens=args.tokens,
+            epochs=args.epochs,
+            mfu=args.mfu,
+        )
+    except (ArchitectureError, KeyError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) else exc
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    print(json.dumps(to_json(result), indent=2) if args.json else render_text(result))
+    return 0
+
+
+def _token_count(text: str) -> int:
+    from kubetune.calc.report import parse_count
+
+    return parse_count(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetune",
@@ -187,6 +333,99 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", metavar="ROOT", help="artifact root (default: spec.output.uri or ./artifacts)"
     )
     prepare.set_defaults(func=cmd_prepare)
+
+    run = sub.add_parser(
+        "run",
+        help="run a FineTuneJob's whole pipeline locally",
+        description="Prepare data, train, evaluate base vs tuned, check the gate, merge and "
+        "publish RUN_URI with its manifest. The same spec resumes the same run. Prints the "
+        "RUN_URI last.",
+    )
+    run.add_argument("job", metavar="JOB.yaml", help="a file with one FineTuneJob")
+    run.add_argument(
+        "--output", metavar="ROOT", help="artifact root (default: spec.output.uri or ./artifacts)"
+    )
+    run.add_argument("--new-run", action="store_true", help="start a fresh run of the same spec")
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port while training (default: off)",
+    )
+    run.set_defaults(func=cmd_run)
+
+    calc = sub.add_parser(
+        "calc",
+        help="GPU memory, LoRA parameters, FLOPs and GPU-hours of a training setup",
+        description="Estimate peak GPU memory per GPU (by component), trainable parameters, "
+        "FLOPs, training time and checkpoint size. Formulas, calibration and the --json "
+        "schema: docs/calc.md.",
+    )
+    source = calc.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--model",
+        metavar="URI",
+        help="builtin://…, hf://org/name (if cached), a folder with "
+        "config.json, or an architecture name",
+    )
+    source.add_argument("--arch", metavar="NAME", help="an architecture of the built-in table")
+    source.add_argument(
+        "--job", metavar="JOB.yaml", help="take model, method and training from a FineTuneJob"
+    )
+    calc.add_argument(
+        "--method", default="LoRA", help="LoRA (default), QLoRA, Full, PrefixTuning or PromptTuning"
+    )
+    calc.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (2048)")
+    calc.add_argument(
+        "--batch-size", type=int, default=4, help="sequences per GPU per micro-batch (4)"
+    )
+    calc.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (16)")
+    calc.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=["all-linear"],
+        metavar="NAME",
+        help="modules LoRA adapts (all-linear)",
+    )
+    calc.add_argument("--use-dora", action="store_true", help="DoRA instead of LoRA")
+    calc.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        help="force checkpointing on or off (default: on only when needed)",
+    )
+    calc.add_argument("--precision", default="Auto", help="Auto, BF16, FP16 or FP32")
+    calc.add_argument(
+        "--optimizer",
+        default="Auto",
+        help="Auto, AdamW, AdamW8bit, PagedAdamW8bit, PagedAdamW32bit, Adafactor or SGD",
+    )
+    calc.add_argument("--gpus", type=int, help="GPUs training together (1)")
+    calc.add_argument(
+        "--strategy",
+        default="None",
+        help="None, DDP, FSDP, DeepSpeedZeRO2 "
+        "or DeepSpeedZeRO3 (FSDP and ZeRO shard across the GPUs)",
+    )
+    gpu = calc.add_mutually_exclusive_group()
+    gpu.add_argument(
+        "--gpu-class", metavar="NAME", help="H200, H100, A100-80GB, A100-40GB, L40S, L4, A10G or T4"
+    )
+    gpu.add_argument("--gpu-memory", type=float, metavar="GIB", help="memory of one GPU")
+    calc.add_argument(
+        "--tokens",
+        type=_token_count,
+        help="training tokens per epoch, for time and GPU-hours (needs --gpu-class)",
+    )
+    calc.add_argument("--epochs", type=int, default=1, help="passes over --tokens (1)")
+    calc.add_argument("--mfu", type=float, default=0.2, help="model FLOPs utilization (0.2)")
+    calc.add_argument(
+        "--full-logits",
+        action="store_true",
+        help="plain loss with fp32 logits instead of a fused chunked LM-head loss",
+    )
+    calc.add_argument("--json", action="store_true", help="print JSON (schema: docs/calc.md)")
+    calc.set_defaults(func=cmd_calc)
     return parser
 
 

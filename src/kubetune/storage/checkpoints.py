@@ -81,7 +81,7 @@ def commit_checkpoint(
 def checkpoint_steps(store: Store, layout: RunLayout) -> dict[int, dict[str, int]]:
     """Every checkpoint folder of the run, complete or not: step -> {relative path: size}."""
     found: dict[int, dict[str, int]] = {}
-    root = layout.key(RunLayout.CHECKPOINTS)
+    root = layout.key(layout.checkpoints_dir)
     for info in store.list(root):
         folder, _, rel = info.key[len(root) :].partition("/")
         step = checkpoint_step(folder)

@@ -16,7 +16,7 @@ import re
 import secrets
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +101,9 @@ class RunLayout:
     namespace: str
     job_name: str
     run_id: str
+    checkpoints_dir: str = "checkpoints/"
+    """Run-relative folder of the checkpoints; later stages of a chain use
+    `checkpoints/<stage>/` (see `for_stage`)."""
 
     DATA_TRAIN = "data/train.jsonl"
     DATA_VAL = "data/val.jsonl"
@@ -120,6 +123,12 @@ class RunLayout:
         _check(DNS_LABEL, self.namespace, "namespace", 63)
         _check(DNS_SUBDOMAIN, self.job_name, "job name", 253)
         _check(RUN_ID, self.run_id, "run id", 63)
+        if not self.checkpoints_dir.startswith(
+            self.CHECKPOINTS
+        ) or not self.checkpoints_dir.endswith("/"):
+            raise InvalidKey(
+                f"checkpoints_dir must be a folder under checkpoints/: {self.checkpoints_dir!r}"
+            )
 
     @property
     def prefix(self) -> str:
@@ -150,7 +159,16 @@ class RunLayout:
         """`checkpoints/step-000200/`: the folder of the checkpoint after `step` steps."""
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise InvalidKey(f"invalid checkpoint step {step!r}: a non-negative integer")
-        return f"{self.CHECKPOINTS}step-{step:0{STEP_DIGITS}d}/"
+        return f"{self.checkpoints_dir}step-{step:0{STEP_DIGITS}d}/"
+
+    def for_stage(self, index: int, name: str) -> RunLayout:
+        """The layout whose checkpoints belong to stage `index` of the chain: the first
+        stage uses `checkpoints/`, later ones `checkpoints/<index>-<name>/`."""
+        if index == 0:
+            return self
+        folder = f"{self.CHECKPOINTS}{index}-{name.lower()}/"
+        validate_key(folder.rstrip("/"))
+        return replace(self, checkpoints_dir=folder)
 
     def quantized(self, scheme: str) -> str:
         """`quantized/<scheme>/`, e.g. `quantized/W4A16/`."""

@@ -175,7 +175,7 @@ def build_random_model(
     config = AutoConfig.from_pretrained(str(config_dir))
     torch.manual_seed(seed)
     with torch.device(device or "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return cast("PreTrainedModel", model)
 
 

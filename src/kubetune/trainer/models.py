@@ -1,0 +1,254 @@
+"""Loading the base model for training and wrapping it for the chosen method.
+
+The only module that builds `BitsAndBytesConfig` and PEFT configs (HOUSE_STYLE §3): the
+API's names (LoRA, QLoRA, PrefixTuning, …) are translated here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kubetune.api.base import parse_decimal
+from kubetune.api.contract import Reason
+from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
+from kubetune.api.v1alpha1.methods import (
+    ComputeDtype,
+    LoRASpec,
+    Method,
+    PrefixTuningSpec,
+    PromptTuningInit,
+    PromptTuningSpec,
+    QLoRASpec,
+    QuantType,
+)
+from kubetune.api.v1alpha1.training import Precision, Toggle, TrainingSpec
+from kubetune.trainer.resolve import ResolvedModel, build_random_model
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class TrainingSetupError(Exception):
+    """The method cannot run here (e.g. QLoRA without bitsandbytes); carries a reason."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Precisions:
+    """The dtypes a run uses."""
+
+    load: torch.dtype
+    """Dtype of the frozen (or trained, for Full) weights."""
+
+    bf16: bool
+    """Mixed precision autocast in bf16."""
+
+    fp16: bool
+    """Mixed precision autocast in fp16 (with loss scaling)."""
+
+
+def choose_precision(
+    training: TrainingSpec, method: Method, cuda: bool, bf16_supported: bool
+) -> Precisions:
+    """BF16 on GPUs that have it, else FP32 (Auto); explicit choices are honoured. Frozen
+    weights load in the half precision; full fine-tuning keeps fp32 master weights."""
+    import torch
+
+    wanted = training.precision
+    if wanted == Precision.AUTO:
+        wanted = Precision.BF16 if cuda and bf16_supported else Precision.FP32
+    if wanted in (Precision.BF16, Precision.FP16) and not cuda:
+        raise TrainingSetupError(
+            Reason.INVALID_SPEC,
+            f"training.precision {wanted.value} needs a GPU; this machine has none: use Auto "
+            "or FP32",
+        )
+    if wanted == Precision.BF16 and not bf16_supported:
+        raise TrainingSetupError(
+            Reason.INVALID_SPEC,
+            "training.precision BF16 needs an Ampere or newer GPU; use FP16 or Auto",
+        )
+    load = torch.float32
+    if method != Method.FULL and wanted == Precision.BF16:
+        load = torch.bfloat16
+    elif method != Method.FULL and wanted == Precision.FP16:
+        load = torch.float16
+    return Precisions(load=load, bf16=wanted == Precision.BF16, fp16=wanted == Precision.FP16)
+
+
+def gradient_checkpointing(spec: FineTuneJobSpec, cuda: bool) -> bool:
+    """On when asked; Auto turns it on for GPUs (memory) and off on CPUs (speed). Prefix
+    tuning never uses it (PEFT's prefix tuning fails with it)."""
+    toggle = (spec.training or TrainingSpec()).gradient_checkpointing
+    if spec.method == Method.PREFIX_TUNING:
+        return False
+    if toggle == Toggle.AUTO:
+        return cuda
+    return toggle == Toggle.ENABLED
+
+
+def _bnb_config(qlora: QLoRASpec) -> Any:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise TrainingSetupError(
+            Reason.INVALID_SPEC,
+            "method QLoRA needs bitsandbytes (pip install 'kubetune[qlora]'); the trainer "
+            "image ships it",
+        ) from exc
+    compute = {
+        ComputeDtype.BF16: torch.bfloat16,
+        ComputeDtype.FP16: torch.float16,
+        ComputeDtype.FP32: torch.float32,
+    }[qlora.compute_dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4" if qlora.quant_type == QuantType.NF4 else "fp4",
+        bnb_4bit_use_double_quant=qlora.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,
+    )
+
+
+def load_base_model(
+    spec: FineTuneJobSpec, resolved: ResolvedModel, precisions: Precisions, seed: int
+) -> PreTrainedModel:
+    """The base model, quantized to 4 bits for QLoRA, random for builtin://random."""
+    from transformers import AutoModelForCausalLM
+
+    if resolved.random_weights:
+        if spec.method == Method.QLORA:
+            raise TrainingSetupError(
+                Reason.INVALID_SPEC, "QLoRA quantizes pretrained weights; builtin://random has none"
+            )
+        return build_random_model(resolved.path, seed, precisions.load)
+    kwargs: dict[str, Any] = resolved.from_pretrained_kwargs()
+    if spec.method == Method.QLORA:
+        import torch
+
+        kwargs["quantization_config"] = _bnb_config(spec.qlora or QLoRASpec())
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    else:
+        kwargs["dtype"] = precisions.load
+    return AutoModelForCausalLM.from_pretrained(str(resolved.path), **kwargs)
+
+
+def undo_cpu_inference_packing(model: PreTrainedModel) -> int:
+    """Give 4-bit weights back their training layout after CPU inference.
+
+    bitsandbytes repacks 4-bit weights for fast CPU inference the first time a Linear4bit
+    runs in eval mode without gradients (the base-model evaluation), and never unpacks them
+    for training: the backward pass would then go through a kernel without autograd and
+    silently drop the gradients of every earlier layer. Returns how many were unpacked.
+    """
+    try:
+        from bitsandbytes.nn.modules import Linear4bit, _convert_weight_packed_for_cpu_inverse
+    except ImportError:
+        return 0
+    count = 0
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if isinstance(module, Linear4bit) and getattr(state, "packing_format_for_cpu", False):
+            weight: Any = module.weight
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                weight.data, state
+            )
+            count += 1
+    return count
+
+
+def _target_modules(lora: LoRASpec) -> str | list[str]:
+    return "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+
+
+def peft_config(spec: FineTuneJobSpec, tokenizer_dir: str) -> Any:
+    """The PEFT config for the method, or None for full fine-tuning."""
+    from peft import (
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        TaskType,
+    )
+    from peft import (
+        PromptTuningInit as PeftInit,
+    )
+
+    if spec.method in (Method.LORA, Method.QLORA):
+        lora = spec.lora or LoRASpec()
+        return LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=parse_decimal(lora.dropout),
+            target_modules=_target_modules(lora),
+            modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
+            use_dora=lora.use_dora,
+            use_rslora=lora.use_rslora,
+            task_type=TaskType.CAUSAL_LM,
+        )
+    if spec.method == Method.PREFIX_TUNING:
+        prefix = spec.prefix_tuning or PrefixTuningSpec()
+        return PrefixTuningConfig(
+            num_virtual_tokens=prefix.num_virtual_tokens,
+            prefix_projection=prefix.prefix_projection,
+            task_type=TaskType.CAUSAL_LM,
+        )
+    if spec.method == Method.PROMPT_TUNING:
+        prompt = spec.prompt_tuning or PromptTuningSpec()
+        text = prompt.init == PromptTuningInit.TEXT
+        return PromptTuningConfig(
+            num_virtual_tokens=prompt.num_virtual_tokens,
+            prompt_tuning_init=PeftInit.TEXT if text else PeftInit.RANDOM,
+            prompt_tuning_init_text=prompt.init_text if text else None,
+            tokenizer_name_or_path=tokenizer_dir if text else None,
+            task_type=TaskType.CAUSAL_LM,
+        )
+    return None
+
+
+def prepare_model(
+    spec: FineTuneJobSpec,
+    model: PreTrainedModel,
+    tokenizer_dir: str,
+    *,
+    checkpointing: bool,
+) -> PreTrainedModel:
+    """Wrap the base model for the method; returns the model to train."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if spec.method == Method.QLORA:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if spec.method != Method.FULL:
+            model.enable_input_require_grads()
+    config = peft_config(spec, tokenizer_dir)
+    if config is None:
+        return model
+    return get_peft_model(model, config)
+
+
+def trainable_parameters(model: PreTrainedModel) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def tokenizer_for(resolved: ResolvedModel, spec: FineTuneJobSpec) -> PreTrainedTokenizerBase:
+    """The tokenizer with the chat template the data stage used."""
+    from kubetune.trainer.resolve import chat_template_override, load_tokenizer
+
+    return load_tokenizer(
+        resolved.path,
+        trust_remote_code=resolved.trust_remote_code,
+        chat_template=chat_template_override(spec.dataset.chat_template),
+    )

@@ -1,0 +1,94 @@
+"""Running the pipeline as a process: config in, result and exit code out.
+
+Every failure is mapped to the contract's reason and exit code (user errors fail fast,
+out-of-memory fails with advice, infrastructure errors are retried by the operator), and
+the TrainerResult is written on success and on failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from kubetune.api.contract import Reason, TrainerConfig, TrainerResult, exit_code_for
+
+Log = Callable[[str], None]
+logger = logging.getLogger("kubetune.trainer")
+
+
+def load_config(path: Path) -> TrainerConfig:
+    """A TrainerConfig from YAML or JSON (validated; unknown keys refused)."""
+    return TrainerConfig.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
+def write_result(result: TrainerResult, path: Path | None) -> None:
+    """The result as the termination message (skipped when the file cannot be written)."""
+    if path is None:
+        return
+    try:
+        path.write_text(result.to_termination_message(), encoding="utf-8")
+    except OSError as exc:
+        logger.warning("Could not write the result to %s: %s", path, exc)
+
+
+def _failure(reason: Reason, message: str) -> TrainerResult:
+    return TrainerResult(reason=reason, message=message[:1024])
+
+
+def execute(config: TrainerConfig, work_dir: Path, log: Log, metrics_port: int) -> TrainerResult:
+    """Run the pipeline; every known failure becomes a result with its reason."""
+    import torch
+
+    from kubetune.trainer.pipeline import run_pipeline
+
+    try:
+        return run_pipeline(config, work_dir=work_dir, log=log, metrics_port=metrics_port)
+    except torch.OutOfMemoryError as exc:
+        return _failure(
+            Reason.OUT_OF_MEMORY,
+            f"out of GPU memory ({exc}); lower training.batchSize or training.maxSeqLength, "
+            "enable training.gradientCheckpointing, use method QLoRA, or more GPUs "
+            "(kubetune calc shows the estimate)",
+        )
+    except MemoryError:
+        return _failure(
+            Reason.OUT_OF_MEMORY,
+            "out of host memory; raise resources.memory or lower training.batchSize",
+        )
+    except Exception as exc:
+        reason = getattr(exc, "reason", None)
+        if isinstance(reason, Reason):
+            return _failure(reason, str(exc))
+        log(traceback.format_exc())
+        return _failure(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+
+
+def exit_code(result: TrainerResult) -> int:
+    """0 when the pipeline ran to the end (gate failed or not), else the table's code."""
+    if result.reason in (Reason.SUCCEEDED, Reason.EVALUATION_GATE_FAILED):
+        return 0
+    return exit_code_for(result.reason)
+
+
+def run_from_file(config_path: Path, result_path: Path, work_dir: Path) -> int:
+    """The pod's main: validate the config before importing torch, run, report."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        config = load_config(config_path)
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        result = _failure(Reason.INVALID_SPEC, f"{config_path}: {exc}")
+        write_result(result, result_path)
+        print(result.message, file=sys.stderr)
+        return exit_code(result)
+    result = execute(config, work_dir, lambda line: logger.info("%s", line), config.metrics_port)
+    write_result(result, result_path)
+    (logger.info if exit_code(result) == 0 else logger.error)(
+        "%s: %s", result.reason.value, result.message
+    )
+    return exit_code(result)

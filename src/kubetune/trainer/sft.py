@@ -1,0 +1,283 @@
+"""Supervised fine-tuning through TRL's SFTTrainer (the only module that builds TRL
+configs for SFT).
+
+Examples arrive tokenized with assistant-only labels (`tokenize.py`), so TRL leaves the
+labels as they are. Checkpoints go to the artifact store after every save (committed,
+pruned); a restarted stage resumes from the latest complete one with its optimizer,
+scheduler, RNG and data position. SIGTERM triggers a best-effort checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kubetune.api.base import parse_decimal
+from kubetune.api.contract import Reason
+from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
+from kubetune.api.v1alpha1.methods import PROMPT_LEARNING_METHODS, Method
+from kubetune.api.v1alpha1.training import (
+    CheckpointSpec,
+    Optimizer,
+    Packing,
+    Schedule,
+    TrainingSpec,
+)
+from kubetune.storage import RunLayout, Store
+from kubetune.trainer import checkpointing
+from kubetune.trainer.models import Precisions
+from kubetune.trainer.progress import Metrics, StageProgress
+from kubetune.trainer.tokenize import tokenize_all
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+_OPTIMIZERS = {
+    Optimizer.ADAMW: "adamw_torch",
+    Optimizer.ADAMW_8BIT: "adamw_bnb_8bit",
+    Optimizer.PAGED_ADAMW_8BIT: "paged_adamw_8bit",
+    Optimizer.PAGED_ADAMW_32BIT: "paged_adamw_32bit",
+    Optimizer.ADAFACTOR: "adafactor",
+    Optimizer.SGD: "sgd",
+}
+_SCHEDULES = {Schedule.COSINE: "cosine", Schedule.LINEAR: "linear", Schedule.CONSTANT: "constant"}
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was saved (best effort)."""
+
+    reason = Reason.PREEMPTED
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a training stage produced."""
+
+    model: PreTrainedModel
+    steps: int
+    resumed_from_step: int | None
+    metrics: dict[str, float]
+    log: Path
+
+
+def optimizer_name(spec: FineTuneJobSpec, cuda: bool) -> str:
+    """The Trainer's optim name: Auto is paged 8-bit AdamW for QLoRA on a GPU, else AdamW."""
+    choice = (spec.training or TrainingSpec()).optimizer
+    if choice == Optimizer.AUTO:
+        return "paged_adamw_8bit" if spec.method == Method.QLORA and cuda else "adamw_torch"
+    return _OPTIMIZERS[choice]
+
+
+def packing_enabled(spec: FineTuneJobSpec) -> bool:
+    """Packed rows for LoRA, QLoRA and Full; prefix and prompt tuning prepend virtual tokens
+    to every sequence, so their rows are never packed."""
+    training = spec.training or TrainingSpec()
+    return training.packing == Packing.PACKED and spec.method not in PROMPT_LEARNING_METHODS
+
+
+def _dataset(tokenizer: PreTrainedTokenizerBase, path: Path, cache: Path) -> Any:
+    import datasets
+    from datasets import Dataset
+
+    datasets.disable_progress_bars()
+
+    def rows() -> Any:
+        with path.open(encoding="utf-8") as handle:
+            yield from tokenize_all(tokenizer, (json.loads(line) for line in handle))
+
+    return Dataset.from_generator(rows, cache_dir=str(cache), keep_in_memory=False)
+
+
+def sft_config(
+    spec: FineTuneJobSpec,
+    output_dir: Path,
+    precisions: Precisions,
+    *,
+    cuda: bool,
+    checkpointing: bool,
+    has_validation: bool,
+) -> Any:
+    """TRL's SFTConfig for this spec."""
+    from trl import SFTConfig  # type: ignore[attr-defined]
+
+    training = spec.training or TrainingSpec()
+    checkpoint = training.checkpoint or CheckpointSpec()
+    warmup: float | int = 0.03
+    if training.warmup_steps is not None:
+        warmup = training.warmup_steps
+    elif training.warmup_ratio is not None:
+        warmup = parse_decimal(training.warmup_ratio)
+    packed = packing_enabled(spec)
+    eval_strategy = "no"
+    if has_validation:
+        eval_strategy = "steps" if training.eval_every_steps else "epoch"
+    report_to = []
+    if spec.tracking and spec.tracking.tensorboard and spec.tracking.tensorboard.enabled:
+        report_to.append("tensorboard")
+    if spec.tracking and spec.tracking.mlflow:
+        report_to.append("mlflow")
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=training.epochs or 1,
+        max_steps=training.max_steps or -1,
+        learning_rate=parse_decimal(training.learning_rate),
+        lr_scheduler_type=_SCHEDULES[training.schedule],
+        warmup_steps=warmup,
+        weight_decay=parse_decimal(training.weight_decay),
+        max_grad_norm=parse_decimal(training.max_grad_norm),
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        max_length=training.max_seq_length,
+        packing=packed,
+        padding_free=packed,
+        bf16=precisions.bf16,
+        fp16=precisions.fp16,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        optim=optimizer_name(spec, cuda),
+        seed=training.seed,
+        data_seed=training.seed,
+        logging_steps=training.log_every_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=checkpoint.every_steps,
+        save_total_limit=1,
+        eval_strategy=eval_strategy,
+        eval_steps=training.eval_every_steps,
+        report_to=report_to,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        use_cpu=not cuda,
+    )
+
+
+def _callbacks(
+    store: Store,
+    layout: RunLayout,
+    keep: int,
+    progress: StageProgress,
+    stop: dict[str, bool],
+    log: Callable[[str], None],
+) -> list[Any]:
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ProgressCallback
+
+    class Bar(ProgressCallback):
+        """The progress bar without the raw log dicts (our log line says it better)."""
+
+        def on_log(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    class StoreAndReport(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            checkpointing.upload_checkpoint(store, layout, folder, state.global_step, keep)
+            where = layout.uri_for(layout.checkpoint(state.global_step))
+            log(f"Checkpoint at step {state.global_step}: {where}")
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+            values = {
+                ("learning_rate" if k == "learning_rate" else k): v
+                for k, v in (logs or {}).items()
+                if isinstance(v, int | float)
+            }
+            values["epoch"] = state.epoch or 0
+            record = progress.record(state.global_step, values, state.num_input_tokens_seen)
+            log(progress.line(record))
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if stop["requested"]:
+                control.should_save = True
+                control.should_training_stop = True
+
+    return [Bar(), StoreAndReport()]
+
+
+def train_sft(
+    spec: FineTuneJobSpec,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    train_path: Path,
+    validation_path: Path,
+    store: Store,
+    layout: RunLayout,
+    work_dir: Path,
+    precisions: Precisions,
+    cuda: bool,
+    checkpointing_on: bool,
+    metrics: Metrics | None,
+    log: Callable[[str], None],
+) -> StageResult:
+    """Run (or resume) the SFT stage."""
+    from trl import SFTTrainer  # type: ignore[attr-defined]
+
+    training = spec.training or TrainingSpec()
+    keep = (training.checkpoint or CheckpointSpec()).keep
+    output_dir = work_dir / "sft"
+    train = _dataset(tokenizer, train_path, work_dir / "hf-datasets")
+    has_validation = validation_path.stat().st_size > 0
+    validation = (
+        _dataset(tokenizer, validation_path, work_dir / "hf-datasets") if has_validation else None
+    )
+    args = sft_config(
+        spec,
+        output_dir,
+        precisions,
+        cuda=cuda,
+        checkpointing=checkpointing_on,
+        has_validation=has_validation,
+    )
+    progress = StageProgress("SFT", 0, work_dir / "logs" / "train.jsonl", metrics)
+    stop = {"requested": False}
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=validation,
+        processing_class=tokenizer,
+        callbacks=_callbacks(store, layout, keep, progress, stop, log),
+    )
+    from transformers.trainer_callback import ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)  # the default one (exact class); Bar stays
+    progress.total_steps = trainer.state.max_steps or _planned_steps(trainer)
+    resume = checkpointing.download_latest(store, layout, work_dir / "resume")
+    if resume is not None:
+        log(f"Resuming SFT from the checkpoint at step {resume[0]}")
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stop["requested"]:
+        raise Preempted(
+            f"stopped by SIGTERM at step {trainer.state.global_step} (checkpoint saved)"
+        )
+    result_metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, int | float)}
+    if validation is not None:
+        result_metrics.update(
+            {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, int | float)}
+        )
+    return StageResult(
+        model=trainer.model,  # type: ignore[arg-type]
+        steps=trainer.state.global_step,
+        resumed_from_step=resume[0] if resume else None,
+        metrics=result_metrics,
+        log=progress.log_path,
+    )
+
+
+def _planned_steps(trainer: Any) -> int:
+    args = trainer.args
+    if args.max_steps and args.max_steps > 0:
+        return int(args.max_steps)
+    batches = len(trainer.get_train_dataloader())
+    per_epoch = max(1, batches // args.gradient_accumulation_steps)
+    return int(per_epoch * args.num_train_epochs)
