@@ -151,12 +151,15 @@ def undo_cpu_inference_packing(model: PreTrainedModel) -> int:
     silently drop the gradients of every earlier layer. Returns how many were unpacked.
     """
     try:
-        from bitsandbytes.nn.modules import Linear4bit, _convert_weight_packed_for_cpu_inverse
+        from bitsandbytes.nn.modules import (  # type: ignore[attr-defined]
+            Linear4bit,
+            _convert_weight_packed_for_cpu_inverse,
+        )
     except ImportError:
         return 0
     count = 0
     for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        state: Any = getattr(getattr(module, "weight", None), "quant_state", None)
         if isinstance(module, Linear4bit) and getattr(state, "packing_format_for_cpu", False):
             weight: Any = module.weight
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
