@@ -81,7 +81,15 @@ def run_from_file(config_path: Path, result_path: Path, work_dir: Path) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         config = load_config(config_path)
-    except (OSError, yaml.YAMLError, ValidationError) as exc:
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+        )
+        result = _failure(Reason.INVALID_SPEC, f"{config_path}: {problems}")
+        write_result(result, result_path)
+        print(result.message, file=sys.stderr)
+        return exit_code(result)
+    except (OSError, yaml.YAMLError) as exc:
         result = _failure(Reason.INVALID_SPEC, f"{config_path}: {exc}")
         write_result(result, result_path)
         print(result.message, file=sys.stderr)

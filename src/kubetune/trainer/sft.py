@@ -28,7 +28,7 @@ from kubetune.api.v1alpha1.training import (
     TrainingSpec,
 )
 from kubetune.storage import RunLayout, Store
-from kubetune.trainer import checkpointing
+from kubetune.trainer import checkpointing, faults
 from kubetune.trainer.models import Precisions
 from kubetune.trainer.progress import Metrics, StageProgress
 from kubetune.trainer.tokenize import tokenize_all
@@ -178,6 +178,7 @@ def _callbacks(
         def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             checkpointing.upload_checkpoint(store, layout, folder, state.global_step, keep)
+            faults.reach("checkpoint-committed", state.global_step)
             where = layout.uri_for(layout.checkpoint(state.global_step))
             log(f"Checkpoint at step {state.global_step}: {where}")
 
@@ -192,6 +193,7 @@ def _callbacks(
             log(progress.line(record))
 
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            faults.reach("step-end", state.global_step)
             if stop["requested"]:
                 control.should_save = True
                 control.should_training_stop = True

@@ -1,0 +1,24 @@
+"""Fault injection for tests of the trainer's recovery (never set in production).
+
+`KUBETUNE_FAULT="<signal>@<point>:<step>"` sends the signal to this process when the
+trainer reaches the point at that step, e.g. `KILL@checkpoint-committed:4` (a pod lost
+right after a checkpoint) or `TERM@step-end:3` (a preemption with a grace period).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "KUBETUNE_FAULT"
+
+
+def reach(point: str, step: int) -> None:
+    """Deliver the configured fault if this is its point and step."""
+    fault = os.environ.get(ENV)
+    if not fault:
+        return
+    name, _, where = fault.partition("@")
+    at_point, _, at_step = where.partition(":")
+    if at_point == point and at_step == str(step):
+        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
