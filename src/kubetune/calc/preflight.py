@@ -1,0 +1,251 @@
+"""Will a FineTuneJob fit on its GPUs? The check the trainer and the operator run.
+
+`preflight` reads the spec the way the trainer will run it and returns the estimate, whether
+it fits and, when it does not, advice that names changes which do fit. `choose_gpus` sizes
+`resources.gpus: Auto`.
+
+How `Auto` settings are read:
+
+- `training.gradientCheckpointing: Auto` is off when the step fits without it and on
+  otherwise (also on when the GPU memory is unknown). Prefix tuning never checkpoints.
+- `training.optimizer: Auto` is PagedAdamW8bit for QLoRA, AdamW otherwise.
+- `training.precision: Auto` is BF16 (FP16 on GPUs without bf16 takes the same memory).
+- Each stage is checked with its own batch size; preference stages (DPO, ORPO, KTO, SimPO,
+  RewardModel) run chosen and rejected sequences together; DPO and KTO with method Full keep a
+  frozen reference copy, RLHF a reward model (and, with Full, a reference) copy. The worst
+  stage decides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from kubetune.api.v1alpha1.alignment import PREFERENCE_STAGES, StageType
+from kubetune.api.v1alpha1.methods import (
+    LoRASpec,
+    Method,
+    PrefixTuningSpec,
+    PromptTuningSpec,
+    QLoRASpec,
+)
+from kubetune.api.v1alpha1.training import DistributedStrategy, Toggle, TrainingSpec
+from kubetune.calc.architectures import Architecture
+from kubetune.calc.lora import AdapterSettings
+from kubetune.calc.memory import SHARDED, MemoryEstimate, TrainingSetup, estimate_memory
+
+if TYPE_CHECKING:
+    from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
+
+INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
+"""The contract's reason (`Reason.INSUFFICIENT_GPU_MEMORY`) for a job that cannot fit."""
+MAX_ADVICE = 3
+MAX_GPUS = 64
+"""The largest GPU count advice may suggest (several nodes beyond GPUS_PER_NODE)."""
+GPUS_PER_NODE = 8
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """The verdict on one job and GPU count.
+
+    Attributes:
+        fits: whether the worst stage fits; None when the GPU memory is unknown or gpus is 0.
+        needed_gib: GPU memory the worst stage needs per GPU (estimate.total_gib).
+        available_gib: memory of one GPU, when known.
+        gpus: GPUs checked.
+        stage: the stage that needs the most memory.
+        setup: how the calculator read the spec for that stage.
+        estimate: the breakdown of that stage.
+        advice: empty when it fits; else what needs what, and changes that would fit.
+        reason: InsufficientGPUMemory when it does not fit, else None.
+    """
+
+    fits: bool | None
+    needed_gib: float
+    available_gib: float | None
+    gpus: int
+    stage: str
+    setup: TrainingSetup
+    estimate: MemoryEstimate
+    advice: str = ""
+    reason: str | None = None
+
+
+def adapter_settings(spec: FineTuneJobSpec) -> AdapterSettings:
+    """The LoRA / prefix / prompt settings of a spec, defaults filled in."""
+    lora = spec.lora or LoRASpec()
+    prefix = spec.prefix_tuning or PrefixTuningSpec()
+    prompt = spec.prompt_tuning or PromptTuningSpec()
+    tokens = prompt.num_virtual_tokens
+    if spec.method == Method.PREFIX_TUNING:
+        tokens = prefix.num_virtual_tokens
+    return AdapterSettings(
+        rank=lora.rank,
+        target_modules=tuple(lora.target_modules),
+        use_dora=lora.use_dora,
+        modules_to_save=tuple(lora.modules_to_save or ()),
+        dropout=float(lora.dropout) > 0,
+        num_virtual_tokens=tokens,
+        prefix_projection=prefix.prefix_projection,
+    )
+
+
+def stage_setups(
+    spec: FineTuneJobSpec, gpus: int, gradient_checkpointing: bool
+) -> list[tuple[str, TrainingSetup]]:
+    """One TrainingSetup per stage of the spec, as the trainer will run it on `gpus` GPUs per
+    pod (sharding spans every node: the setup's GPU count is gpus x distributed.nodes)."""
+    training = spec.training or TrainingSpec()
+    distributed = spec.distributed
+    full = spec.method == Method.FULL
+    base = TrainingSetup(
+        method=spec.method,
+        seq_len=training.max_seq_length,
+        batch_size=training.batch_size,
+        adapter=adapter_settings(spec),
+        gradient_checkpointing=gradient_checkpointing,
+        precision=training.precision,
+        optimizer=training.optimizer,
+        gpus=max(gpus, 1) * (distributed.nodes if distributed else 1),
+        strategy=distributed.strategy if distributed else DistributedStrategy.NONE,
+        cpu_offload=bool(distributed and distributed.cpu_offload),
+        double_quant=(spec.qlora or QLoRASpec()).double_quant,
+    )
+    setups = []
+    for stage in spec.stages:
+        batch = stage.training.batch_size if stage.training and stage.training.batch_size else None
+        copies = 0
+        if stage.type in (StageType.DPO, StageType.KTO) and full:
+            copies = 1
+        elif stage.type == StageType.RLHF:
+            copies = 2 if full else 1
+        setups.append(
+            (
+                stage.type.value,
+                replace(
+                    base,
+                    batch_size=batch or base.batch_size,
+                    sequences_per_example=2 if stage.type in PREFERENCE_STAGES else 1,
+                    frozen_model_copies=copies,
+                ),
+            )
+        )
+    return setups
+
+
+def _worst(
+    arch: Architecture, setups: list[tuple[str, TrainingSetup]]
+) -> tuple[str, TrainingSetup, MemoryEstimate]:
+    rated = [(name, s, estimate_memory(arch, s)) for name, s in setups]
+    return max(rated, key=lambda r: r[2].total_gib)
+
+
+def _evaluate(
+    spec: FineTuneJobSpec, arch: Architecture, gpu_memory_gib: float | None, gpus: int
+) -> tuple[str, TrainingSetup, MemoryEstimate]:
+    toggle = (spec.training or TrainingSpec()).gradient_checkpointing
+    if toggle != Toggle.AUTO:
+        return _worst(arch, stage_setups(spec, gpus, toggle == Toggle.ENABLED))
+    without = _worst(arch, stage_setups(spec, gpus, False))
+    if gpu_memory_gib is not None and without[2].total_gib <= gpu_memory_gib:
+        return without
+    return _worst(arch, stage_setups(spec, gpus, True))
+
+
+def preflight(
+    spec: FineTuneJobSpec, arch: Architecture, gpu_memory_gib: float | None, gpus: int
+) -> Preflight:
+    """Check a job against the GPUs it will get.
+
+    Args:
+        spec: the FineTuneJob spec.
+        arch: the base model's architecture (`load_architecture`).
+        gpu_memory_gib: memory of one GPU, or None when unknown.
+        gpus: GPUs per pod (0 means a CPU run: nothing to check).
+    """
+    stage, setup, estimate = _evaluate(spec, arch, gpu_memory_gib, gpus)
+    needed = estimate.total_gib
+    if gpu_memory_gib is None or gpus < 1:
+        return Preflight(None, needed, gpu_memory_gib, gpus, stage, setup, estimate)
+    if needed <= gpu_memory_gib:
+        return Preflight(True, needed, gpu_memory_gib, gpus, stage, setup, estimate)
+    advice = advice_text(needed, gpu_memory_gib, alternatives(arch, setup, gpu_memory_gib))
+    return Preflight(
+        False, needed, gpu_memory_gib, gpus, stage, setup, estimate, advice, INSUFFICIENT_GPU_MEMORY
+    )
+
+
+def advice_text(needed_gib: float, memory_gib: float, options: list[str]) -> str:
+    """'needs ~N GiB of GPU memory, the GPU has M GiB: <up to three options>'."""
+    has = f"{memory_gib:.1f}".removesuffix(".0")
+    head = f"needs ~{needed_gib:.0f} GiB of GPU memory, the GPU has {has} GiB"
+    if not options:
+        return (
+            f"{head}: no single change fits; combine method QLoRA, gradient checkpointing, a "
+            "smaller batch and more GPUs with FSDP, or use GPUs with more memory"
+        )
+    shown = options[:MAX_ADVICE]
+    tail = shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + ", or " + shown[-1]
+    return f"{head}: {tail}"
+
+
+def _fits(arch: Architecture, setup: TrainingSetup, memory: float) -> bool:
+    return estimate_memory(arch, setup).total_gib <= memory
+
+
+def alternatives(arch: Architecture, setup: TrainingSetup, memory: float) -> list[str]:
+    """Single changes to `setup` that make it fit in `memory` GiB, most convenient first:
+    gradient checkpointing, QLoRA, more GPUs with sharding, a smaller batch, shorter
+    sequences."""
+    gpus = setup.gpus
+    options = []
+    gc_on = replace(setup, gradient_checkpointing=True)
+    can_checkpoint = not setup.gradient_checkpointing and setup.method != Method.PREFIX_TUNING
+    if can_checkpoint and _fits(arch, gc_on, memory):
+        options.append("enable gradient checkpointing")
+    if setup.method in (Method.LORA, Method.FULL):
+        qlora = replace(gc_on, method=Method.QLORA, optimizer=setup.optimizer)
+        if _fits(arch, qlora, memory):
+            options.append("use method QLoRA")
+    strategy = setup.strategy if setup.strategy in SHARDED else DistributedStrategy.FSDP
+    for n in range(max(gpus, 1) + 1, MAX_GPUS + 1):
+        if _fits(arch, replace(setup, gpus=n, strategy=strategy), memory):
+            nodes = f" ({-(-n // GPUS_PER_NODE)} nodes)" if n > GPUS_PER_NODE else ""
+            suffix = "" if setup.strategy in SHARDED else " with distributed.strategy FSDP"
+            options.append(f"use {n} GPUs{nodes}{suffix}")
+            break
+    offload = replace(setup, cpu_offload=True)
+    sharded = setup.strategy in SHARDED and setup.gpus > 1 and not setup.cpu_offload
+    if sharded and _fits(arch, offload, memory):
+        options.append("set distributed.cpuOffload (optimizer and gradients in CPU memory)")
+    for batch in range(setup.batch_size - 1, 0, -1):
+        if _fits(arch, replace(setup, batch_size=batch), memory):
+            options.append(
+                f"lower training.batchSize to {batch} (raise gradientAccumulationSteps to keep "
+                "the effective batch)"
+            )
+            break
+    seq = setup.seq_len // 2
+    while seq >= 128:
+        if _fits(arch, replace(setup, seq_len=seq), memory):
+            options.append(f"lower training.maxSeqLength to {seq}")
+            break
+        seq //= 2
+    return options
+
+
+def choose_gpus(
+    spec: FineTuneJobSpec, arch: Architecture, gpu_memory_gib: float, max_gpus: int = 8
+) -> int | None:
+    """The smallest GPU count (1..max_gpus) on which the job fits, for `gpus: Auto`.
+
+    Only sharding strategies (FSDP, DeepSpeed ZeRO-2/3) lower the memory per GPU; with
+    None/DDP each GPU holds a full replica, so more GPUs never make a job fit. None when
+    nothing fits (the operator then refuses the job with InsufficientGPUMemory and
+    `preflight`'s advice).
+    """
+    for gpus in range(1, max_gpus + 1):
+        if preflight(spec, arch, gpu_memory_gib, gpus).fits:
+            return gpus
+    return None

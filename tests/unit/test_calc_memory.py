@@ -1,0 +1,274 @@
+"""GPU memory estimates against measured peaks, and the properties a user relies on."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from kubetune.api.v1alpha1.methods import Method
+from kubetune.api.v1alpha1.training import DistributedStrategy, Optimizer, Precision
+from kubetune.calc import KNOWN_ARCHITECTURES, AdapterSettings, TrainingSetup, estimate_memory
+from kubetune.calc.architectures import parameter_count
+
+GIB = 1024**3
+L8, L1 = "llama-3.1-8b", "llama-3.2-1b"
+QV = AdapterSettings(target_modules=("q_proj", "v_proj"))
+
+# torch.cuda.max_memory_allocated (GiB) of two training steps at fixed shapes on an H200:
+# torch 2.11, transformers 5.17, peft 0.21, bf16 autocast, LoRA r16 (dropout 0.05) with fp32
+# adapters, TRL 1.16's fused chunked log-prob loss, fused AdamW, SDPA (docs/calc.md).
+# (arch, method, gradient checkpointing, batch, seq, extra setup fields, measured GiB)
+H200_MEASURED = {
+    "8b-lora-gc-8x2048": (L8, Method.LORA, True, 8, 2048, {}, 26.34),
+    "8b-lora-gc-4x2048": (L8, Method.LORA, True, 4, 2048, {}, 20.92),
+    "8b-lora-nogc-1x2048": (L8, Method.LORA, False, 1, 2048, {}, 31.53),
+    "8b-lora-nogc-2x2048": (L8, Method.LORA, False, 2, 2048, {}, 47.49),
+    "1b-lora-gc-8x2048": (L1, Method.LORA, True, 8, 2048, {}, 7.22),
+    "1b-lora-gc-4x2048": (L1, Method.LORA, True, 4, 2048, {}, 4.86),
+    "1b-lora-nogc-4x2048": (L1, Method.LORA, False, 4, 2048, {}, 20.01),
+    "1b-lora-nogc-2x2048": (L1, Method.LORA, False, 2, 2048, {}, 11.26),
+    "1b-lora-gc-8x2048-no-dropout": (
+        L1, Method.LORA, True, 8, 2048, {"adapter": AdapterSettings(dropout=False)}, 6.41
+    ),
+    "1b-lora-nogc-4x2048-q-v": (L1, Method.LORA, False, 4, 2048, {"adapter": QV}, 13.54),
+    "1b-lora-gc-4x2048-full-logits": (L1, Method.LORA, True, 4, 2048, {"fused_loss": False}, 14.80),
+    "1b-full-fp32-master-gc-8x2048": (L1, Method.FULL, True, 8, 2048, {}, 21.12),
+    "1b-full-fp32-master-gc-4x2048": (L1, Method.FULL, True, 4, 2048, {}, 19.76),
+    "1b-full-fp32-master-nogc-4x2048": (L1, Method.FULL, False, 4, 2048, {}, 33.26),
+    "1b-full-fp32-master-nogc-2x2048": (L1, Method.FULL, False, 2, 2048, {}, 25.22),
+    "1b-full-bf16-gc-8x2048": (L1, Method.FULL, True, 8, 2048, {"fp32_master": False}, 11.54),
+}  # fmt: skip
+
+# PERF_BASELINE.md, "HF default" (gradient checkpointing, pad to the longest of 8 examples).
+# The largest step holds the longest example: 1,737 tokens in the 8B runs' data, 2,048
+# (the clip) in the 1B runs'. Peak allocated GiB.
+PERF_BASELINE_DEFAULT = {
+    "8b-lora-r16-all-linear": (L8, Method.LORA, 1737, 24.8),
+    "8b-qlora-nf4-dq-paged-adamw-8bit": (L8, Method.QLORA, 1737, 13.3),
+    "1b-lora-r16": (L1, Method.LORA, 2048, 7.3),
+    "1b-full-fp32-master": (L1, Method.FULL, 2048, 21.2),
+}
+# PERF_BASELINE.md, "HF tuned" (padding-free, Liger): one row of all tokens of the step.
+# The largest step's token count was not recorded; a simulation of that data puts it at
+# 5.2k–7.5k (10th–90th percentile), and 6,000 is taken here. Weaker evidence: ±15 %.
+PERF_BASELINE_TUNED = {
+    "8b-lora-gc-off": (L8, Method.LORA, False, 66.3),
+    "8b-qlora-gc-on": (L8, Method.QLORA, True, 9.2),
+    "1b-lora-gc-off": (L1, Method.LORA, False, 15.9),
+    "1b-full-gc-off": (L1, Method.FULL, False, 28.6),
+}
+
+
+def setup(method: Method = Method.LORA, **fields: object) -> TrainingSetup:
+    return replace(TrainingSetup(method=method), **fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("arch", "method", "gc", "batch", "seq", "extra", "measured"),
+    H200_MEASURED.values(),
+    ids=list(H200_MEASURED),
+)
+def test_estimate_within_5_percent_of_h200_measurements(
+    arch: str,
+    method: Method,
+    gc: bool,
+    batch: int,
+    seq: int,
+    extra: dict[str, object],
+    measured: float,
+) -> None:
+    s = setup(method, gradient_checkpointing=gc, batch_size=batch, seq_len=seq, **extra)
+    assert estimate_memory(KNOWN_ARCHITECTURES[arch], s).allocated_gib == pytest.approx(
+        measured, rel=0.05
+    )
+
+
+@pytest.mark.parametrize(
+    ("arch", "method", "seq", "measured"),
+    PERF_BASELINE_DEFAULT.values(),
+    ids=list(PERF_BASELINE_DEFAULT),
+)
+def test_estimate_within_5_percent_of_perf_baseline_default_runs(
+    arch: str, method: Method, seq: int, measured: float
+) -> None:
+    s = setup(method, gradient_checkpointing=True, batch_size=8, seq_len=seq)
+    assert estimate_memory(KNOWN_ARCHITECTURES[arch], s).allocated_gib == pytest.approx(
+        measured, rel=0.05
+    )
+
+
+@pytest.mark.parametrize(
+    ("arch", "method", "gc", "measured"),
+    PERF_BASELINE_TUNED.values(),
+    ids=list(PERF_BASELINE_TUNED),
+)
+def test_estimate_within_15_percent_of_perf_baseline_tuned_runs(
+    arch: str, method: Method, gc: bool, measured: float
+) -> None:
+    s = setup(method, gradient_checkpointing=gc, batch_size=1, seq_len=6000)
+    assert estimate_memory(KNOWN_ARCHITECTURES[arch], s).allocated_gib == pytest.approx(
+        measured, rel=0.15
+    )
+
+
+@pytest.mark.parametrize("method", list(Method), ids=[m.value for m in Method])
+def test_components_add_up_to_the_total(method: Method) -> None:
+    est = estimate_memory(KNOWN_ARCHITECTURES[L8], setup(method, batch_size=4))
+    assert sum(gib for _, gib in est.components()) == pytest.approx(est.total_gib)
+    assert est.overlap_gib <= 0
+    assert est.total_gib == pytest.approx(est.allocated_gib * 1.10 + est.cuda_context_gib, rel=1e-9)
+
+
+@pytest.mark.parametrize("method", list(Method), ids=[m.value for m in Method])
+@pytest.mark.parametrize("gc", [True, False], ids=["gc", "no-gc"])
+def test_longer_sequences_need_more_memory(method: Method, gc: bool) -> None:
+    arch = KNOWN_ARCHITECTURES["qwen2.5-7b"]
+    totals = [
+        estimate_memory(arch, setup(method, seq_len=s, gradient_checkpointing=gc)).total_gib
+        for s in (512, 1024, 2048, 4096, 8192)
+    ]
+    assert totals == sorted(totals)
+    assert len(set(totals)) == len(totals)
+
+
+@pytest.mark.parametrize("method", [Method.LORA, Method.QLORA, Method.FULL, Method.PROMPT_TUNING])
+def test_gradient_checkpointing_reduces_activations(method: Method) -> None:
+    arch = KNOWN_ARCHITECTURES[L8]
+    on = estimate_memory(arch, setup(method, batch_size=4, gradient_checkpointing=True))
+    off = estimate_memory(arch, setup(method, batch_size=4, gradient_checkpointing=False))
+    assert on.activations_gib < off.activations_gib / 3
+    assert on.total_gib < off.total_gib
+
+
+@pytest.mark.parametrize("arch", ["llama-3.2-1b", "llama-3.1-8b", "qwen2.5-14b", "gemma-2-9b"])
+def test_qlora_needs_less_than_lora_which_needs_less_than_full(arch: str) -> None:
+    totals = [
+        estimate_memory(KNOWN_ARCHITECTURES[arch], setup(m, batch_size=2)).total_gib
+        for m in (Method.QLORA, Method.LORA, Method.FULL)
+    ]
+    assert totals == sorted(totals)
+
+
+def test_full_fine_tuning_static_memory_is_16_to_18_bytes_per_parameter() -> None:
+    arch = KNOWN_ARCHITECTURES[L8]
+    for gc, per_param in ((True, 16.0), (False, 18.0)):
+        est = estimate_memory(arch, setup(Method.FULL, batch_size=1, gradient_checkpointing=gc))
+        static = est.weights_gib + est.gradients_gib + est.optimizer_gib
+        cast_copies = 0.0 if gc else 2 * 32 * arch.layer_linear_params() / GIB
+        ratio = (static + cast_copies) * GIB / parameter_count(arch)
+        assert ratio == pytest.approx(per_param, abs=0.3)
+
+
+def test_qlora_base_weights_take_about_4_13_bits_per_linear_parameter() -> None:
+    arch = KNOWN_ARCHITECTURES[L8]
+    est = estimate_memory(arch, setup(Method.QLORA))
+    linears = arch.num_layers * arch.layer_linear_params()
+    rest = (parameter_count(arch) - linears) * 2
+    assert est.weights_gib * GIB == pytest.approx(linears * 4.127 / 8 + rest)
+    no_dq = estimate_memory(arch, setup(Method.QLORA, double_quant=False))
+    assert no_dq.weights_gib > est.weights_gib
+
+
+def test_sharding_divides_weights_gradients_and_optimizer_by_the_gpus() -> None:
+    arch = KNOWN_ARCHITECTURES["llama-3.1-70b"]
+    one = estimate_memory(arch, setup(Method.FULL, batch_size=1))
+    fsdp = estimate_memory(
+        arch, setup(Method.FULL, batch_size=1, gpus=8, strategy=DistributedStrategy.FSDP)
+    )
+    zero2 = estimate_memory(
+        arch,
+        setup(Method.FULL, batch_size=1, gpus=8, strategy=DistributedStrategy.DEEPSPEED_ZERO2),
+    )
+    ddp = estimate_memory(
+        arch, setup(Method.FULL, batch_size=1, gpus=8, strategy=DistributedStrategy.DDP)
+    )
+    assert fsdp.optimizer_gib == pytest.approx(one.optimizer_gib / 8)
+    assert fsdp.weights_gib < one.weights_gib / 7
+    assert zero2.weights_gib == one.weights_gib
+    assert zero2.optimizer_gib == pytest.approx(one.optimizer_gib / 8)
+    assert ddp.total_gib > one.total_gib  # replicas plus gradient buckets and NCCL
+    assert fsdp.activations_gib == one.activations_gib  # the micro-batch is per GPU
+
+
+def test_cpu_offload_moves_optimizer_and_gradients_off_the_gpu() -> None:
+    est = estimate_memory(
+        KNOWN_ARCHITECTURES[L8],
+        setup(Method.FULL, gpus=2, strategy=DistributedStrategy.FSDP, cpu_offload=True),
+    )
+    assert est.optimizer_gib == est.gradients_gib == 0
+    assert any("CPU offload" in note for note in est.notes)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "bytes_per_param"),
+    [
+        (Optimizer.ADAMW, 8),
+        (Optimizer.PAGED_ADAMW_32BIT, 8),
+        (Optimizer.ADAMW_8BIT, 2),
+        (Optimizer.PAGED_ADAMW_8BIT, 2),
+        (Optimizer.SGD, 0),
+    ],
+)
+def test_optimizer_state_bytes(optimizer: Optimizer, bytes_per_param: int) -> None:
+    est = estimate_memory(KNOWN_ARCHITECTURES[L8], setup(Method.LORA, optimizer=optimizer))
+    assert est.optimizer_gib * GIB == pytest.approx(41_943_040 * bytes_per_param)
+
+
+def test_adafactor_keeps_factored_states() -> None:
+    arch = KNOWN_ARCHITECTURES[L8]
+    adamw = estimate_memory(arch, setup(Method.FULL, optimizer=Optimizer.ADAMW))
+    adafactor = estimate_memory(arch, setup(Method.FULL, optimizer=Optimizer.ADAFACTOR))
+    assert 0 < adafactor.optimizer_gib < adamw.optimizer_gib / 100
+
+
+def test_auto_optimizer_is_paged_8bit_for_qlora_and_adamw_otherwise() -> None:
+    arch = KNOWN_ARCHITECTURES[L1]
+    assert estimate_memory(arch, setup(Method.QLORA)).optimizer == Optimizer.PAGED_ADAMW_8BIT
+    assert estimate_memory(arch, setup(Method.LORA)).optimizer == Optimizer.ADAMW
+
+
+def test_full_logits_cost_12_bytes_per_token_and_vocabulary_entry() -> None:
+    arch = KNOWN_ARCHITECTURES[L8]
+    fused = estimate_memory(arch, setup(batch_size=2, seq_len=4096))
+    plain = estimate_memory(arch, setup(batch_size=2, seq_len=4096, fused_loss=False))
+    assert plain.logits_gib * GIB == 8192 * 128256 * 12
+    assert fused.logits_gib < plain.logits_gib / 10
+    assert plain.total_gib > fused.total_gib
+
+
+def test_prompt_tuning_adds_its_virtual_tokens_to_every_sequence() -> None:
+    s = setup(Method.PROMPT_TUNING, batch_size=2, seq_len=1000)
+    assert estimate_memory(KNOWN_ARCHITECTURES[L1], s).tokens_per_micro_batch == 2 * 1020
+
+
+def test_prefix_tuning_trains_without_gradient_checkpointing() -> None:
+    est = estimate_memory(KNOWN_ARCHITECTURES[L1], setup(Method.PREFIX_TUNING))
+    assert not est.gradient_checkpointing
+    assert any("prefix tuning" in note for note in est.notes)
+
+
+def test_fp32_doubles_weights_and_activations() -> None:
+    arch = KNOWN_ARCHITECTURES[L1]
+    bf16 = estimate_memory(arch, setup(Method.LORA))
+    fp32 = estimate_memory(arch, setup(Method.LORA, precision=Precision.FP32))
+    assert fp32.weights_gib == pytest.approx(2 * bf16.weights_gib)
+    assert fp32.activations_gib == pytest.approx(2 * bf16.activations_gib)
+
+
+def test_preference_pairs_double_the_tokens_and_references_add_a_frozen_copy() -> None:
+    arch = KNOWN_ARCHITECTURES[L1]
+    sft = estimate_memory(arch, setup(Method.FULL))
+    dpo = estimate_memory(arch, setup(Method.FULL, sequences_per_example=2, frozen_model_copies=1))
+    assert dpo.tokens_per_micro_batch == 2 * sft.tokens_per_micro_batch
+    assert dpo.weights_gib * GIB == pytest.approx(sft.weights_gib * GIB + 2 * parameter_count(arch))
+
+
+def test_eager_attention_keeps_the_score_matrices() -> None:
+    arch = KNOWN_ARCHITECTURES[L1]
+    fused = estimate_memory(arch, setup(seq_len=4096, gradient_checkpointing=False))
+    eager = estimate_memory(
+        arch, setup(seq_len=4096, gradient_checkpointing=False, eager_attention=True)
+    )
+    extra = 16 * 32 * 4096 * 4096 * 4  # layers x heads x s x s x 4 bytes (one sequence)
+    assert (eager.activations_gib - fused.activations_gib) * GIB == pytest.approx(extra)

@@ -1,0 +1,151 @@
+"""The preflight check of a FineTuneJob: fits, advice, gradient checkpointing, GPU count."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kubetune.api.contract import Reason
+from kubetune.api.v1alpha1 import FineTuneJobSpec
+from kubetune.api.v1alpha1.training import Optimizer
+from kubetune.calc import KNOWN_ARCHITECTURES, choose_gpus, preflight
+from kubetune.calc.preflight import INSUFFICIENT_GPU_MEMORY
+
+L8, L70 = KNOWN_ARCHITECTURES["llama-3.1-8b"], KNOWN_ARCHITECTURES["llama-3.1-70b"]
+
+
+def spec(**fields: Any) -> FineTuneJobSpec:
+    return FineTuneJobSpec.model_validate(
+        {
+            "model": {"uri": "builtin://random/llama-3.1-8b"},
+            "dataset": {"uri": "s3://bucket/data.jsonl"},
+            **fields,
+        }
+    )
+
+
+def test_default_lora_job_fits_an_80_gib_gpu_with_checkpointing_chosen_automatically() -> None:
+    result = preflight(spec(), L8, 80.0, 1)
+    assert result.fits is True
+    assert result.setup.gradient_checkpointing  # 4 x 2048 tokens need ~91 GiB without it
+    assert result.advice == ""
+    assert result.reason is None
+    assert result.needed_gib == pytest.approx(result.estimate.total_gib)
+
+
+def test_auto_checkpointing_stays_off_when_the_step_fits_without_it() -> None:
+    result = preflight(spec(), L8, 140.0, 1)
+    assert result.fits is True
+    assert not result.setup.gradient_checkpointing
+
+
+def test_a_job_that_does_not_fit_says_what_would() -> None:
+    job = spec(training={"batchSize": 1, "gradientCheckpointing": "Disabled"})
+    result = preflight(job, L8, 24.0, 1)
+    assert result.fits is False
+    assert result.reason == INSUFFICIENT_GPU_MEMORY == Reason.INSUFFICIENT_GPU_MEMORY.value
+    assert result.advice == (
+        "needs ~37 GiB of GPU memory, the GPU has 24 GiB: enable gradient checkpointing, "
+        "use method QLoRA, or use 6 GPUs with distributed.strategy FSDP"
+    )
+
+
+def test_advice_names_batch_and_sequence_length_when_nothing_else_helps() -> None:
+    job = spec(training={"batchSize": 8, "maxSeqLength": 4096})
+    result = preflight(job, L8, 24.0, 1)
+    assert result.fits is False
+    assert "lower training.batchSize to 1" in result.advice
+    assert "lower training.maxSeqLength to 512" in result.advice
+
+
+def test_advice_when_no_single_change_fits() -> None:
+    job = spec(model={"uri": "builtin://random/llama-3.1-70b"}, method="Full")
+    assert "no single change fits" in preflight(job, L70, 24.0, 1).advice
+
+
+def test_unknown_memory_or_cpu_runs_are_not_judged() -> None:
+    unknown = preflight(spec(), L8, None, 1)
+    assert unknown.fits is None
+    assert unknown.setup.gradient_checkpointing
+    assert preflight(spec(), L8, 24.0, 0).fits is None
+
+
+def test_spec_fields_reach_the_setup() -> None:
+    job = spec(
+        method="QLoRA",
+        lora={"rank": 64, "targetModules": ["q_proj", "v_proj"], "dropout": "0"},
+        qlora={"doubleQuant": False},
+        training={"batchSize": 2, "maxSeqLength": 1024, "gradientCheckpointing": "Enabled",
+                  "precision": "BF16"},
+    )  # fmt: skip
+    result = preflight(job, L8, 24.0, 1)
+    s = result.setup
+    assert (s.batch_size, s.seq_len, s.adapter.rank) == (2, 1024, 64)
+    assert s.adapter.target_modules == ("q_proj", "v_proj")
+    assert not s.adapter.dropout
+    assert not s.double_quant
+    assert s.gradient_checkpointing
+    assert result.estimate.optimizer == Optimizer.PAGED_ADAMW_8BIT
+    assert result.estimate.params.trainable == 32 * 64 * (8192 + 5120)
+
+
+def test_prefix_tuning_never_checkpoints() -> None:
+    job = spec(method="PrefixTuning", prefixTuning={"numVirtualTokens": 30})
+    result = preflight(job, L8, 140.0, 1)
+    assert not result.setup.gradient_checkpointing
+    assert result.estimate.params.trainable == 30 * 32 * 2 * 1024
+
+
+def test_the_most_demanding_stage_decides() -> None:
+    pairs = preflight(spec(stages=[{"type": "SFT"}, {"type": "DPO"}]), L8, 80.0, 1)
+    assert pairs.stage == "DPO"
+    assert pairs.setup.sequences_per_example == 2
+    small = spec(stages=[{"type": "SFT"}, {"type": "DPO", "training": {"batchSize": 1}}])
+    assert preflight(small, L8, 80.0, 1).stage == "SFT"
+
+
+def test_full_dpo_keeps_a_frozen_reference() -> None:
+    job = spec(method="Full", stages=[{"type": "SFT"}, {"type": "DPO"}])
+    result = preflight(job, L8, 140.0, 8)
+    assert result.stage == "DPO"
+    assert result.setup.frozen_model_copies == 1
+
+
+def test_sharding_spans_every_node() -> None:
+    job = spec(distributed={"nodes": 2, "strategy": "FSDP"})
+    assert preflight(job, L8, 80.0, 4).setup.gpus == 8
+
+
+@pytest.mark.parametrize(
+    ("method", "strategy", "memory", "expected"),
+    [
+        ("LoRA", "None", 80.0, 1),
+        ("LoRA", "None", 16.0, None),  # replicas: more GPUs never help
+        ("Full", "FSDP", 80.0, 2),
+        ("Full", "DeepSpeedZeRO3", 40.0, 4),
+        ("Full", "FSDP", 8.0, None),
+    ],
+)
+def test_choose_gpus_is_the_smallest_count_that_fits(
+    method: str, strategy: str, memory: float, expected: int | None
+) -> None:
+    job = spec(method=method, distributed={"strategy": strategy})
+    chosen = choose_gpus(job, L8, memory)
+    assert chosen == expected
+    if chosen is not None:
+        assert preflight(job, L8, memory, chosen).fits
+        assert chosen == 1 or not preflight(job, L8, memory, chosen - 1).fits
+
+
+def test_advice_can_suggest_several_nodes_or_cpu_offload() -> None:
+    job = spec(
+        model={"uri": "builtin://random/llama-3.1-70b"},
+        method="Full",
+        training={"batchSize": 1},
+        distributed={"strategy": "FSDP"},
+    )
+    assert preflight(job, L70, 79.6, 8).advice == (
+        "needs ~151 GiB of GPU memory, the GPU has 79.6 GiB: use method QLoRA, use 16 GPUs "
+        "(2 nodes), or set distributed.cpuOffload (optimizer and gradients in CPU memory)"
+    )
