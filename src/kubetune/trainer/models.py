@@ -7,6 +7,7 @@ API's names (LoRA, QLoRA, PrefixTuning, …) are translated here and nowhere els
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetune.api.base import parse_decimal
@@ -119,17 +120,25 @@ def _bnb_config(qlora: QLoRASpec) -> Any:
 
 
 def load_base_model(
-    spec: FineTuneJobSpec, resolved: ResolvedModel, precisions: Precisions, seed: int
+    spec: FineTuneJobSpec,
+    resolved: ResolvedModel,
+    precisions: Precisions,
+    seed: int,
+    work_dir: Path,
 ) -> PreTrainedModel:
     """The base model, quantized to 4 bits for QLoRA, random for builtin://random."""
     from transformers import AutoModelForCausalLM
 
+    path = resolved.path
     if resolved.random_weights:
-        if spec.method == Method.QLORA:
-            raise TrainingSetupError(
-                Reason.INVALID_SPEC, "QLoRA quantizes pretrained weights; builtin://random has none"
+        if spec.method != Method.QLORA:
+            return build_random_model(resolved.path, seed, precisions.load)
+        # bitsandbytes quantizes while loading: write the random weights once, load them 4-bit.
+        path = work_dir / "random-weights"
+        if not (path / "config.json").is_file():
+            build_random_model(resolved.path, seed, precisions.load).save_pretrained(
+                str(path), safe_serialization=True
             )
-        return build_random_model(resolved.path, seed, precisions.load)
     kwargs: dict[str, Any] = resolved.from_pretrained_kwargs()
     if spec.method == Method.QLORA:
         import torch
@@ -139,7 +148,7 @@ def load_base_model(
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     else:
         kwargs["dtype"] = precisions.load
-    return AutoModelForCausalLM.from_pretrained(str(resolved.path), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 
 def undo_cpu_inference_packing(model: PreTrainedModel) -> int:

@@ -26,7 +26,7 @@ from kubetune.storage.manifest import read_manifest, write_manifest
 from kubetune.trainer import evaluate, export, models
 from kubetune.trainer.data_stage import run_data_stage
 from kubetune.trainer.progress import Metrics
-from kubetune.trainer.resolve import resolve_model
+from kubetune.trainer.resolve import ResolvedModel, resolve_model
 from kubetune.trainer.sft import train_sft
 
 Log = Callable[[str], None]
@@ -126,12 +126,13 @@ def run_pipeline(
     val_path = _local_copy(store, layout, layout.DATA_VAL, work_dir / "run")
 
     cuda = torch.cuda.is_available()
+    _preflight(spec, resolved, cuda, log)
     training = spec.training or TrainingSpec()
     precisions = models.choose_precision(
         training, spec.method, cuda, cuda and torch.cuda.is_bf16_supported()
     )
     torch.manual_seed(training.seed)
-    model = models.load_base_model(spec, resolved, precisions, training.seed)
+    model = models.load_base_model(spec, resolved, precisions, training.seed, work_dir)
     evaluation = spec.evaluation or EvaluationSpec()
     examples = evaluate.load_examples(val_path, evaluation.max_samples)
     base = _base_scores(store, layout, model, tokenizer, examples, evaluation, training, log)
@@ -183,6 +184,7 @@ def run_pipeline(
             tokenizer,
             work_dir / "merged",
             "bfloat16" if precisions.bf16 else "float32",
+            training.seed,
         )
         files += _upload_folder(store, layout, merged, "merged/")
     files += _publish_eval(store, layout, work_dir, examples, base, tuned, gate, stage.log)
@@ -218,6 +220,26 @@ def run_pipeline(
         step=stage.steps,
         resumed_from_step=stage.resumed_from_step,
     )
+
+
+def _preflight(spec: FineTuneJobSpec, resolved: ResolvedModel, cuda: bool, log: Log) -> None:
+    """Refuse a job whose estimate exceeds the GPU before any weights are loaded."""
+    import torch
+
+    from kubetune.calc import ArchitectureError, load_architecture, preflight
+
+    if not cuda:
+        return
+    try:
+        arch = load_architecture(str(resolved.path))
+    except ArchitectureError as exc:
+        log(f"Memory preflight skipped: {exc}")
+        return
+    memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    verdict = preflight(spec, arch, memory_gib, torch.cuda.device_count())
+    log(f"Memory estimate: {verdict.needed_gib:.1f} GiB per GPU of {memory_gib:.1f} GiB")
+    if verdict.fits is False:
+        raise PipelineError(Reason.INSUFFICIENT_GPU_MEMORY, verdict.advice)
 
 
 def _base_scores(

@@ -263,6 +263,15 @@ def train_sft(
             f"stopped by SIGTERM at step {trainer.state.global_step} (checkpoint saved)"
         )
     result_metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, int | float)}
+    if cuda:
+        import torch
+
+        result_metrics["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result_metrics["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        log(
+            f"Peak GPU memory: {result_metrics['peak_memory_allocated_gib']:.2f} GiB allocated, "
+            f"{result_metrics['peak_memory_reserved_gib']:.2f} GiB reserved"
+        )
     if validation is not None:
         result_metrics.update(
             {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, int | float)}

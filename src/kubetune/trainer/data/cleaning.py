@@ -100,6 +100,8 @@ def non_printable_ratio(text: str) -> float:
     """Share of characters that are neither printable nor ordinary whitespace."""
     if not text:
         return 0.0
+    if text.replace("\n", "").replace("\t", "").isprintable():
+        return 0.0  # the common case, without a Python-level loop over the characters
     bad = sum(1 for c in text if not c.isprintable() and c not in "\n\t")
     return bad / len(text)
 
@@ -109,8 +111,8 @@ def repetition_ratio(text: str, n: int = 3) -> float:
     words = text.split()
     if len(words) < 4 * n:
         return 0.0
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return 1.0 - len(set(grams)) / len(grams)
+    count = len(words) - n + 1
+    return 1.0 - len(set(zip(*(words[i:] for i in range(n)), strict=False))) / count
 
 
 def turn_count(example: dict[str, Any]) -> int:

@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from kubetune.api.v1alpha1.dataset import (
     ValidationSplit,
 )
 from kubetune.trainer.data import formats, report
-from kubetune.trainer.data.dedup import DedupStats, NearDuplicateIndex, bands_for
+from kubetune.trainer.data.dedup import DedupStats, NearDuplicateIndex, RunHits, bands_for
 from kubetune.trainer.data.process import INVALID, Dropped, Kept, RowSettings, process_chunk
 from kubetune.trainer.data.rows import BadRow, RawRow, RowError
 from kubetune.trainer.data.sources import DataSourceError, SourceFile, expand, read_rows
@@ -117,26 +118,23 @@ def _chunks(
 
 def _results(
     sources: list[_Source], settings: RowSettings, workers: int, chunk_size: int
-) -> Iterator[tuple[int, Kept | Dropped]]:
-    """Processed rows in input order, with a bounded window of chunks in flight."""
+) -> Iterator[tuple[int, list[Kept | Dropped]]]:
+    """Processed chunks of rows in input order, with a bounded window of chunks in flight."""
     chunks = _chunks(sources, chunk_size)
     if workers <= 1:
         for index, fmt, chunk in chunks:
-            for result in process_chunk(chunk, fmt, settings):
-                yield index, result
+            yield index, process_chunk(chunk, fmt, settings)
         return
     window = workers * 3
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        pending: list[tuple[int, Future[list[Kept | Dropped]]]] = []
+        pending: deque[tuple[int, Future[list[Kept | Dropped]]]] = deque()
         for index, fmt, chunk in chunks:
             pending.append((index, pool.submit(process_chunk, chunk, fmt, settings)))
             if len(pending) >= window:
-                done_index, future = pending.pop(0)
-                for result in future.result():
-                    yield done_index, result
+                done_index, future = pending.popleft()
+                yield done_index, future.result()
         for done_index, future in pending:
-            for result in future.result():
-                yield done_index, result
+            yield done_index, future.result()
 
 
 class _Deduplicator:
@@ -152,7 +150,15 @@ class _Deduplicator:
         )
         self.stats = DedupStats()
 
-    def check(self, kept: Kept, example_id: str) -> tuple[str, str] | None:
+    def prepare(self, results: list[Kept | Dropped]) -> list[RunHits | None]:
+        """Look up a chunk's near-duplicate keys at once (see NearDuplicateIndex)."""
+        if self.near is None or self.mode == DedupMode.NONE:
+            return [None] * len(results)
+        return self.near.lookup_runs([r.bands if isinstance(r, Kept) else None for r in results])
+
+    def check(
+        self, kept: Kept, example_id: str, in_runs: RunHits | None
+    ) -> tuple[str, str] | None:
         """(kind, id of the kept original) if a duplicate, else None (and remember it)."""
         if self.mode == DedupMode.NONE:
             return None
@@ -160,15 +166,15 @@ class _Deduplicator:
         if original is not None:
             return "exact", original
         if self.near is not None and kept.bands is not None:
-            near = self.near.check_and_add(kept.bands, example_id)
+            near = self.near.check_and_add(kept.bands, example_id, in_runs)
             if near is not None:
                 return "near", near
         self.exact[kept.exact] = example_id
         return None
 
 
-def _example_id(kept: Kept, seen: set[str]) -> str:
-    base = kept.exact.hex()[:16]
+def _example_id(exact: bytes, seen: set[str]) -> str:
+    base = exact.hex()[:16]
     candidate, n = base, 1
     while candidate in seen:
         n += 1
@@ -184,10 +190,13 @@ def _split_key(seed: int, example_id: str) -> int:
 @dataclass
 class _Collected:
     path: Path
-    ids: list[str]
+    count: int
     tokens: array[int]
     keys: array[int]
     family: str
+
+
+PII_KINDS = ("emails", "phones", "secrets")
 
 
 def _collect(
@@ -213,48 +222,52 @@ def _collect(
         )
     first = len(tally.sources)
     tally.sources.extend(report.SourceStats(s.file.uri, s.fmt.value, s.reason) for s in sources)
-    collected = _Collected(out, [], array("q"), array("Q"), families.pop() if families else "")
+    collected = _Collected(out, 0, array("q"), array("Q"), families.pop() if families else "")
     seen_ids: set[str] = set()
+    fail_on_invalid = spec.on_invalid == InvalidRowPolicy.FAIL
     with out.open("w", encoding="utf-8") as handle:
-        for index, result in _results(sources, settings, workers, chunk_size):
+        for index, results in _results(sources, settings, workers, chunk_size):
             stats = tally.sources[first + index]
-            stats.rows += 1
-            if isinstance(result, Dropped):
-                if result.stage == INVALID:
-                    stats.invalid += 1
-                    tally.invalid[result.reason] += 1
-                    if spec.on_invalid == InvalidRowPolicy.FAIL:
-                        raise DataStageError(
-                            Reason.DATASET_INVALID,
-                            f"{result.where}: {result.message} (dataset.onInvalid is Fail; set "
-                            "it to Skip to skip and count such rows)",
-                        )
-                else:
-                    stats.filtered += 1
-                    tally.filtered[result.reason] += 1
-                tally.problem(f"{result.where}: {result.message}")
-                continue
-            example_id = _example_id(result, seen_ids)
-            duplicate = dedup.check(result, example_id)
-            if duplicate is not None:
-                kind, original = duplicate
-                stats.duplicates += 1
-                tally.duplicates[kind] += 1
-                dedup.stats.record(original, example_id)
-                continue
-            for key, value in (
-                ("emails", result.redaction.emails),
-                ("phones", result.redaction.phones),
-                ("secrets", result.redaction.secrets),
-            ):
-                tally.pii[key] += value
-            stats.kept += 1
-            record = {"id": example_id, **result.example, "source": result.where}
-            handle.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
-            collected.ids.append(example_id)
-            collected.tokens.append(int(result.example["tokens"]))
-            collected.keys.append(_split_key(seed, example_id))
-            if limit is not None and len(collected.ids) >= limit:
+            kept_before = collected.count
+            for result, in_runs in zip(results, dedup.prepare(results), strict=True):
+                stats.rows += 1
+                if isinstance(result, Dropped):
+                    if result.stage == INVALID:
+                        stats.invalid += 1
+                        tally.invalid[result.reason] += 1
+                        if fail_on_invalid:
+                            raise DataStageError(
+                                Reason.DATASET_INVALID,
+                                f"{result.where}: {result.message} (dataset.onInvalid is Fail; "
+                                "set it to Skip to skip and count such rows)",
+                            )
+                    else:
+                        stats.filtered += 1
+                        tally.filtered[result.reason] += 1
+                    tally.problem(f"{result.where}: {result.message}")
+                    continue
+                example_id = _example_id(result.exact, seen_ids)
+                duplicate = dedup.check(result, example_id, in_runs)
+                if duplicate is not None:
+                    kind, original = duplicate
+                    stats.duplicates += 1
+                    tally.duplicates[kind] += 1
+                    dedup.stats.record(original, example_id)
+                    continue
+                if result.redaction is not None:
+                    for kind, replaced in zip(PII_KINDS, result.redaction, strict=True):
+                        tally.pii[kind] += replaced
+                stats.kept += 1
+                handle.write(result.line(example_id))
+                collected.count += 1
+                collected.tokens.append(result.tokens)
+                collected.keys.append(_split_key(seed, example_id))
+                if limit is not None and collected.count >= limit:
+                    break
+            if collected.count > kept_before:
+                for kind in PII_KINDS:
+                    tally.pii[kind] += 0  # the report lists every kind once a row is kept
+            if limit is not None and collected.count >= limit:
                 break
     return collected
 
@@ -393,7 +406,7 @@ def prepare_dataset(
     except DataSourceError as exc:
         raise DataStageError(exc.reason, str(exc)) from exc
     _fail_if_too_invalid(spec, tally)
-    if not collected.ids:
+    if not collected.count:
         raise DataStageError(
             Reason.DATASET_EMPTY,
             f"no example survived ({tally.rows} rows read; invalid {dict(tally.invalid)}, "
@@ -412,7 +425,7 @@ def prepare_dataset(
         val_tokens = _copy_tokens(explicit_validation, val_path)
         split_info: dict[str, Any] = {"method": "uri", "uri": split.uri}
     else:
-        k = _validation_count(split, len(collected.ids))
+        k = _validation_count(split, collected.count)
         train_tokens, val_tokens = _write_split(collected, k, train_path, val_path)
         collected.path.unlink()
         method = "count" if split.count is not None else "fraction"

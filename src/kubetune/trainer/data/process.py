@@ -3,12 +3,17 @@
 For each raw row, in the documented order: convert to the data contract → normalize →
 structural checks (invalid) → token length → garbage → max turns → PII redaction → exact
 and near-duplicate keys. Deduplication itself and the split happen in the main process.
+
+Results travel back to the main process as small tuples: a kept row carries its output
+line already encoded as JSON (all but the id, which dedup assigns), so the main process
+only joins strings.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from kubetune.api.v1alpha1.dataset import DataFormat
 from kubetune.trainer.data import cleaning, dedup
@@ -38,19 +43,26 @@ class RowSettings:
     """A Jinja chat template overriding the model's (dataset.chatTemplate)."""
 
 
-@dataclass(frozen=True)
-class Kept:
+class Kept(NamedTuple):
     """A row that survived the per-row filters."""
 
-    where: str
-    example: dict[str, Any]
+    record: str
+    """The output line without its id: `{"messages":…,"tokens":57,"source":"f.jsonl:3"}`."""
+
+    tokens: int
     exact: bytes
     bands: tuple[int, ...] | None
-    redaction: cleaning.Redaction
+    redaction: tuple[int, int, int] | None
+    """(emails, phones, secrets) replaced, or None when nothing was."""
+
+    def line(self, example_id: str) -> str:
+        """The output line (JSON, newline-terminated) under this id; the same bytes as
+        `json.dumps({"id": example_id, **example, "source": where}, ensure_ascii=False,
+        separators=(",", ":"))` (an id is hex digits and `-`, nothing to escape)."""
+        return f'{{"id":"{example_id}",{self.record[1:]}\n'
 
 
-@dataclass(frozen=True)
-class Dropped:
+class Dropped(NamedTuple):
     """A row removed by a check; `stage` is invalid (counted against onInvalid) or filtered."""
 
     where: str
@@ -107,6 +119,27 @@ def _filter(
     return None
 
 
+def _kept(
+    row: RawRow,
+    example: dict[str, Any],
+    tokens: dict[str, int],
+    redaction: cleaning.Redaction,
+    settings: RowSettings,
+) -> Kept:
+    example.update(tokens)
+    canonical = cleaning.canonical_text(example)
+    bands = (
+        dedup.band_keys(canonical, settings.near_threshold)
+        if settings.near_threshold is not None
+        else None
+    )
+    record = json.dumps(
+        {**example, "source": row.where}, ensure_ascii=False, separators=(",", ":")
+    )
+    found = (redaction.emails, redaction.phones, redaction.secrets) if redaction.total else None
+    return Kept(record, tokens["tokens"], dedup.exact_key(canonical), bands, found)
+
+
 def process_chunk(
     chunk: list[RawRow | BadRow], fmt: DataFormat, settings: RowSettings
 ) -> list[Kept | Dropped]:
@@ -143,12 +176,5 @@ def process_chunk(
         index, row, example, _, redaction = survivors[position]
         survivors[position] = (index, row, example, tokens, redaction)
     for index, row, example, tokens, redaction in survivors:
-        example.update(tokens)
-        canonical = cleaning.canonical_text(example)
-        bands = (
-            dedup.band_keys(canonical, settings.near_threshold)
-            if settings.near_threshold is not None
-            else None
-        )
-        results[index] = Kept(row.where, example, dedup.exact_key(canonical), bands, redaction)
+        results[index] = _kept(row, example, tokens, redaction, settings)
     return [r for r in results if r is not None]

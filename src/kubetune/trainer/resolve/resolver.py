@@ -207,11 +207,24 @@ def _resolve_builtin(
             "settings allow random models)",
             uri=uri,
         )
-    revision = builtin.gguf_revision()
+    revision = _builtin_revision(root)
     tokenizer_dir = _builtin_tokenizer(root, revision)
     build = partial(builtin.build_random_folder, arch, tokenizer_dir=tokenizer_dir)
     path, hit = materialize(root, uri, revision, build)
     return path, hit, revision, True
+
+
+def _builtin_revision(root: Path) -> str:
+    """The built-in package's revision; without the package (a machine that only has the
+    cache, e.g. a GPU node that received it), the revision of the cached tokenizer."""
+    try:
+        return builtin.gguf_revision()
+    except ModelResolutionError:
+        for folder in sorted(root.glob("*")):
+            marker = read_marker(folder) or {}
+            if marker.get("uri") == builtin.TOKENIZER_KEY and marker.get("revision"):
+                return str(marker["revision"])
+        raise
 
 
 def _builtin_tokenizer(root: Path, revision: str) -> Path:
