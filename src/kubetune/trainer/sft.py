@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune.api.base import parse_decimal
 from kubetune.api.contract import Reason
+from kubetune.api.v1alpha1.evaluation import EvaluationSpec
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.api.v1alpha1.methods import PROMPT_LEARNING_METHODS, Method
 from kubetune.api.v1alpha1.training import (
@@ -198,7 +199,7 @@ def _callbacks(
                 control.should_save = True
                 control.should_training_stop = True
 
-    return [Bar(), StoreAndReport()]
+    return [StoreAndReport(), Bar()]
 
 
 def train_sft(
@@ -228,6 +229,10 @@ def train_sft(
     validation = (
         _dataset(tokenizer, validation_path, work_dir / "hf-datasets") if has_validation else None
     )
+    limit = (spec.evaluation or EvaluationSpec()).max_samples
+    if validation is not None and len(validation) > limit:
+        # The validation loss during training uses the same examples as the evaluation.
+        validation = validation.select(range(limit))
     args = sft_config(
         spec,
         output_dir,
@@ -244,11 +249,14 @@ def train_sft(
         train_dataset=train,
         eval_dataset=validation,
         processing_class=tokenizer,
-        callbacks=_callbacks(store, layout, keep, progress, stop, log),
+        callbacks=None,
     )
     from transformers.trainer_callback import ProgressCallback
 
-    trainer.remove_callback(ProgressCallback)  # the default one (exact class); Bar stays
+    # Replace the default progress bar (it prints raw log dicts) by ours.
+    trainer.remove_callback(ProgressCallback)
+    for callback in _callbacks(store, layout, keep, progress, stop, log):
+        trainer.add_callback(callback)
     progress.total_steps = trainer.state.max_steps or _planned_steps(trainer)
     resume = checkpointing.download_latest(store, layout, work_dir / "resume")
     if resume is not None:
@@ -272,10 +280,9 @@ def train_sft(
             f"Peak GPU memory: {result_metrics['peak_memory_allocated_gib']:.2f} GiB allocated, "
             f"{result_metrics['peak_memory_reserved_gib']:.2f} GiB reserved"
         )
-    if validation is not None:
-        result_metrics.update(
-            {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, int | float)}
-        )
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if evaluations:
+        result_metrics["eval_loss"] = float(evaluations[-1]["eval_loss"])
     return StageResult(
         model=trainer.model,  # type: ignore[arg-type]
         steps=trainer.state.global_step,

@@ -20,9 +20,14 @@ _MANY_BLANK_LINES = re.compile(r"\n{3,}")
 def normalize_text(text: str) -> str:
     """Unicode NFC, Unix newlines, no trailing spaces on lines, at most one blank line in a
     row, no leading or trailing whitespace."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = _TRAILING_SPACE.sub("\n", text)
-    text = _MANY_BLANK_LINES.sub("\n\n", text)
+    text = unicodedata.normalize("NFC", text)
+    # Each step only when its pattern can occur (a substring test is much cheaper).
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if " \n" in text or "\t\n" in text:
+        text = _TRAILING_SPACE.sub("\n", text)
+    if "\n\n\n" in text:
+        text = _MANY_BLANK_LINES.sub("\n\n", text)
     return text.strip()
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kubetune.api.base import parse_decimal
 from kubetune.api.contract import Reason
 from kubetune.api.v1alpha1.dataset import (
@@ -290,7 +292,12 @@ def _validation_count(split: ValidationSplit, n: int) -> int:
 def _write_split(
     collected: _Collected, k: int, train: Path, validation: Path
 ) -> tuple[list[int], list[int]]:
-    threshold = sorted(collected.keys)[k - 1] if k else -1
+    # The k-th smallest key (a partial sort; `collected.keys` is an array of uint64).
+    threshold = (
+        int(np.partition(np.frombuffer(collected.keys, dtype=np.uint64), k - 1)[k - 1])
+        if k
+        else -1
+    )
     train_tokens: list[int] = []
     val_tokens: list[int] = []
     with (
