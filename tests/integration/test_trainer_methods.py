@@ -151,6 +151,14 @@ def test_method_trains_and_publishes(
     assert [r["step"] for r in log if "loss" in r][:3] == [1, 2, 3]
 
 
+def test_tensorboard_events_are_published(tmp_path: Path, tiny_model_dir: Path) -> None:
+    spec = job_spec(tiny_model_dir, tracking={"tensorBoard": {"enabled": True}})
+    result, layout = run(tmp_path, spec)
+    assert result.reason == Reason.SUCCEEDED
+    manifest = verify_run(open_store(layout.output_uri), layout)
+    assert any(f.path.startswith("tensorboard/") and "tfevents" in f.path for f in manifest.files)
+
+
 def test_gate_failure_still_publishes(tmp_path: Path, tiny_model_dir: Path) -> None:
     spec = job_spec(tiny_model_dir)
     spec["evaluation"]["gate"] = [{"metric": "ExactMatch", "operator": ">=", "value": "0.99"}]

@@ -188,6 +188,8 @@ def run_pipeline(
         )
         files += _upload_folder(store, layout, merged, "merged/")
     files += _publish_eval(store, layout, work_dir, examples, base, tuned, gate, stage.log)
+    if (work_dir / "tensorboard").is_dir():
+        files += _upload_folder(store, layout, work_dir / "tensorboard", "tensorboard/")
     summary = {
         "base": base.metrics,
         "tuned": tuned.metrics,

@@ -54,6 +54,7 @@ class Metrics:
     def close(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+            self.server.server_close()
             self.server = None
 
 
@@ -105,6 +106,14 @@ class StageProgress:
             return
         m, s = self.metrics, self.stage
         m.step.labels(s).set(step)
+        m.stage_info.labels(s, "0").set(1)
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                m.gpu_memory.labels(s).set(torch.cuda.max_memory_allocated())
+        except ImportError:
+            pass
         m.total_steps.labels(s).set(self.total_steps)
         for gauge, key in (
             (m.loss, "loss"),

@@ -30,7 +30,7 @@ from kubetune.api.v1alpha1.training import (
 )
 from kubetune.storage import RunLayout, Store
 from kubetune.trainer import checkpointing, faults
-from kubetune.trainer.models import Precisions
+from kubetune.trainer.models import Precisions, TrainingSetupError
 from kubetune.trainer.progress import Metrics, StageProgress
 from kubetune.trainer.tokenize import tokenize_all
 
@@ -93,6 +93,32 @@ def _dataset(tokenizer: PreTrainedTokenizerBase, path: Path, cache: Path) -> Any
     return Dataset.from_generator(rows, cache_dir=str(cache), keep_in_memory=False)
 
 
+def tracking_integrations(spec: FineTuneJobSpec, tensorboard_dir: Path) -> list[str]:
+    """The Trainer integrations `spec.tracking` asks for; event files go to tensorboard_dir
+    (published as RUN_URI/tensorboard/). A missing package is refused, not ignored."""
+    import importlib.util
+    import os
+
+    tracking = spec.tracking
+    wanted = []
+    if tracking and tracking.tensorboard and tracking.tensorboard.enabled:
+        wanted.append(("tensorboard", "tensorboard", "tracking.tensorBoard"))
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(tensorboard_dir)
+    if tracking and tracking.mlflow:
+        wanted.append(("mlflow", "mlflow", "tracking.mlflow"))
+        os.environ["MLFLOW_TRACKING_URI"] = tracking.mlflow.tracking_uri
+        if tracking.mlflow.experiment_name:
+            os.environ["MLFLOW_EXPERIMENT_NAME"] = tracking.mlflow.experiment_name
+    for _, module, field in wanted:
+        if importlib.util.find_spec(module) is None:
+            raise TrainingSetupError(
+                Reason.INVALID_SPEC,
+                f"{field} needs the {module} package in the trainer image; install it or "
+                f"remove {field}",
+            )
+    return [name for name, _, _ in wanted]
+
+
 def sft_config(
     spec: FineTuneJobSpec,
     output_dir: Path,
@@ -116,11 +142,7 @@ def sft_config(
     eval_strategy = "no"
     if has_validation:
         eval_strategy = "steps" if training.eval_every_steps else "epoch"
-    report_to = []
-    if spec.tracking and spec.tracking.tensorboard and spec.tracking.tensorboard.enabled:
-        report_to.append("tensorboard")
-    if spec.tracking and spec.tracking.mlflow:
-        report_to.append("mlflow")
+    report_to = tracking_integrations(spec, output_dir.parent / "tensorboard")
     return SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=training.epochs or 1,

@@ -1,0 +1,47 @@
+"""Progress: the JSONL log, the log line, ETA, and the Prometheus endpoint over HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from kubetune.trainer.progress import Metrics, StageProgress, format_eta
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(5, "5s"), (59.9, "59s"), (600, "10m"), (3 * 3600 + 300, "3h05m")]
+)
+def test_format_eta(seconds: float, text: str) -> None:
+    assert format_eta(seconds) == text
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_records_go_to_the_log_the_line_and_the_metrics_endpoint(tmp_path: Path) -> None:
+    port = free_port()
+    metrics = Metrics(port)
+    try:
+        progress = StageProgress("SFT", 10, tmp_path / "train.jsonl", metrics)
+        progress.record(1, {"loss": 2.5, "learning_rate": 1e-4}, tokens_seen=0)
+        record = progress.record(3, {"loss": 1.25, "learning_rate": 2e-4, "epoch": 0.3}, 3000)
+        assert record["step"] == 3
+        assert "eta_seconds" in record
+        assert "tokens_per_second" in record
+        line = progress.line(record)
+        assert line.startswith("SFT step 3/10 | loss 1.2500 | lr 2.00e-04")
+        lines = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in lines] == [1, 3]
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'kubetune_trainer_step{stage="SFT"} 3.0' in body
+        assert 'kubetune_trainer_total_steps{stage="SFT"} 10.0' in body
+        assert 'kubetune_trainer_loss{stage="SFT"} 1.25' in body
+    finally:
+        metrics.close()
