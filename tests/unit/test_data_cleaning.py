@@ -89,3 +89,32 @@ def test_canonical_text_separates_roles() -> None:
     a = cleaning.canonical_text(conv(("user", "x"), ("assistant", "y")))
     b = cleaning.canonical_text(conv(("user", "x y"), ("assistant", "")))
     assert a != b
+
+
+TRICKY_TEXTS = [
+    "plain ascii text without anything special",
+    "  Cafe\u0301 \r\nline  \n\n\n\nend\t ",
+    "a\r\rb\r\n\r\n\r\nc",
+    "trailing tab\t\nand space \n \n\n\nblank lines",
+    "ctrl \x00\x01\x02 chars\tand\ttabs\nand\u200b zero width \u2028 separators",
+    "\n\t\n",
+    " ".join(["spam eggs ham"] * 6),
+    "",
+]
+
+
+@pytest.mark.parametrize("text", TRICKY_TEXTS)
+def test_fast_paths_agree_with_the_definitions(text: str) -> None:
+    # The substring pre-checks in the implementations must not change any result.
+    import re
+    import unicodedata
+
+    expected = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    expected = re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]+\n", "\n", expected)).strip()
+    assert cleaning.normalize_text(text) == expected
+    bad = sum(1 for c in text if not c.isprintable() and c not in "\n\t")
+    assert cleaning.non_printable_ratio(text) == (bad / len(text) if text else 0.0)
+    words = text.split()
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    repeated = 1.0 - len(set(grams)) / len(grams) if len(words) >= 12 else 0.0
+    assert cleaning.repetition_ratio(text) == repeated

@@ -187,12 +187,13 @@ class NearDuplicateIndex:
         if in_runs is NOT_LOOKED_UP:
             in_runs = self.lookup_runs([keys])[0]
             assert in_runs is not None
-        for b, key in enumerate(keys):
-            owner = self._bands[b].recent.get(key)
-            if owner is None:
-                owner = in_runs.get(b)
-            if owner is not None:
-                return self.owners[owner] if b == 0 else ""
+        first = self._bands[0].recent.get(keys[0], in_runs.get(0))
+        if first is not None:
+            return self.owners[first]
+        if in_runs or any(
+            key in band.recent for band, key in zip(self._bands[1:], keys[1:], strict=True)
+        ):
+            return ""
         owner = len(self.owners)
         self.owners.append(example_id)
         for band, key in zip(self._bands, keys, strict=True):

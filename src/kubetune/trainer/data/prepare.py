@@ -152,15 +152,13 @@ class _Deduplicator:
         )
         self.stats = DedupStats()
 
-    def prepare(self, results: list[Kept | Dropped]) -> list[RunHits | None]:
+    def look_up_chunk(self, results: list[Kept | Dropped]) -> list[RunHits | None]:
         """Look up a chunk's near-duplicate keys at once (see NearDuplicateIndex)."""
         if self.near is None or self.mode == DedupMode.NONE:
             return [None] * len(results)
         return self.near.lookup_runs([r.bands if isinstance(r, Kept) else None for r in results])
 
-    def check(
-        self, kept: Kept, example_id: str, in_runs: RunHits | None
-    ) -> tuple[str, str] | None:
+    def check(self, kept: Kept, example_id: str, in_runs: RunHits | None) -> tuple[str, str] | None:
         """(kind, id of the kept original) if a duplicate, else None (and remember it)."""
         if self.mode == DedupMode.NONE:
             return None
@@ -231,7 +229,7 @@ def _collect(
         for index, results in _results(sources, settings, workers, chunk_size):
             stats = tally.sources[first + index]
             kept_before = collected.count
-            for result, in_runs in zip(results, dedup.prepare(results), strict=True):
+            for result, in_runs in zip(results, dedup.look_up_chunk(results), strict=True):
                 stats.rows += 1
                 if isinstance(result, Dropped):
                     if result.stage == INVALID:
@@ -294,9 +292,7 @@ def _write_split(
 ) -> tuple[list[int], list[int]]:
     # The k-th smallest key (a partial sort; `collected.keys` is an array of uint64).
     threshold = (
-        int(np.partition(np.frombuffer(collected.keys, dtype=np.uint64), k - 1)[k - 1])
-        if k
-        else -1
+        int(np.partition(np.frombuffer(collected.keys, dtype=np.uint64), k - 1)[k - 1]) if k else -1
     )
     train_tokens: list[int] = []
     val_tokens: list[int] = []

@@ -133,9 +133,7 @@ def _kept(
         if settings.near_threshold is not None
         else None
     )
-    record = json.dumps(
-        {**example, "source": row.where}, ensure_ascii=False, separators=(",", ":")
-    )
+    record = json.dumps({**example, "source": row.where}, ensure_ascii=False, separators=(",", ":"))
     found = (redaction.emails, redaction.phones, redaction.secrets) if redaction.total else None
     return Kept(record, tokens["tokens"], dedup.exact_key(canonical), bands, found)
 

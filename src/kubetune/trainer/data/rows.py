@@ -7,12 +7,12 @@ so that any problem can be reported as `file:line: reason`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True)
-class RawRow:
-    """One raw record and where it came from."""
+class RawRow(NamedTuple):
+    """One raw record and where it came from (a named tuple: rows are made and pickled to
+    worker processes by the million)."""
 
     source: str
     """Display name of the file (URI or path), used in problem reports."""
@@ -28,8 +28,7 @@ class RawRow:
         return f"{self.source}:{self.line}"
 
 
-@dataclass(frozen=True)
-class BadRow:
+class BadRow(NamedTuple):
     """A record that could not even be parsed (e.g. a malformed JSONL line)."""
 
     source: str
