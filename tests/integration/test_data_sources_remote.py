@@ -11,14 +11,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
-import moto.server as moto_server
 import pytest
-from botocore.config import Config
 
 from kubetune.api.contract import Reason
 from kubetune.api.v1alpha1.dataset import DatasetSpec
 from kubetune.trainer.data.prepare import DataStageError, prepare_dataset
+from support.s3 import moto_s3, s3_client, use_fake_aws
 
 ROWS = [{"instruction": f"Say {i}", "output": f"The number is {i}."} for i in range(20)]
 
@@ -29,30 +27,14 @@ def jsonl(rows: list[dict[str, str]]) -> bytes:
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
 def s3_data(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        config=Config(
-            s3={"addressing_style": "path"}, request_checksum_calculation="when_required"
-        ),
-    )
+    use_fake_aws(monkeypatch, tmp_path, s3_endpoint)
+    client = s3_client(s3_endpoint)
     client.create_bucket(Bucket="datasets")
     client.put_object(Bucket="datasets", Key="support/part-1.jsonl", Body=jsonl(ROWS[:12]))
     client.put_object(Bucket="datasets", Key="support/part-2.jsonl", Body=jsonl(ROWS[12:]))

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import moto.server as moto_server
 import pytest
 from botocore.config import Config
 
@@ -33,6 +32,7 @@ from kubetune.storage.layout import RunLayout
 from kubetune.storage.manifest import verify_run, write_manifest
 from kubetune.storage.s3 import S3Store
 from kubetune.storage.store import Store, open_store, sha256_stream
+from support.s3 import moto_s3
 
 MIB = 1024 * 1024
 SECRET = "kubetune-test-secret-Zq8vW3"
@@ -41,13 +41,8 @@ WRONG_SECRET = "wrong-secret-Hx71pL0"
 
 @pytest.fixture(scope="module")
 def moto_endpoint() -> Iterator[str]:
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

@@ -6,38 +6,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
-import moto.server as moto_server
 import pytest
-from botocore.config import Config
 
 from kubetune.api.contract import Reason, TrainerConfig
 from kubetune.storage import RunLayout, open_store
 from kubetune.storage.manifest import verify_run
 from kubetune.trainer.pipeline import run_pipeline
+from support.s3 import moto_s3, s3_client, use_fake_aws
 
 
 @pytest.fixture
 def bucket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "key",
-        "AWS_SECRET_ACCESS_KEY": "secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL_S3": endpoint,
-        "AWS_CONFIG_FILE": str(tmp_path / "none"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-    }.items():
-        monkeypatch.setenv(key, value)
-    config = Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required")
-    boto3.client("s3", endpoint_url=endpoint, config=config).create_bucket(Bucket="artifacts")
-    try:
+    with moto_s3() as endpoint:
+        use_fake_aws(monkeypatch, tmp_path, endpoint)
+        s3_client(endpoint).create_bucket(Bucket="artifacts")
         yield "s3://artifacts/kubetune"
-    finally:
-        server.stop()
 
 
 def test_run_publishes_to_s3(bucket: str, tmp_path: Path, tiny_model_dir: Path) -> None:

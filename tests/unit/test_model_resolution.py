@@ -545,29 +545,13 @@ def test_conflicting_revisions_are_refused_naming_both(tmp_path: Path) -> None:
 
 @pytest.fixture
 def s3_bucket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[object]:
-    import boto3
-    import moto.server as moto_server
+    from support.s3 import moto_s3, s3_client, use_fake_aws
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "key",
-        "AWS_SECRET_ACCESS_KEY": "kubetune-test-secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL_S3": endpoint,
-        "AWS_CONFIG_FILE": str(tmp_path / "aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "aws-credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
-        monkeypatch.setenv(name, value)
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket="models")
-    try:
+    with moto_s3() as endpoint:
+        use_fake_aws(monkeypatch, tmp_path, endpoint, secret="kubetune-test-secret")
+        client = s3_client(endpoint)
+        client.create_bucket(Bucket="models")
         yield client
-    finally:
-        server.stop()
 
 
 def test_s3_model_folder_is_downloaded_into_the_cache(s3_bucket: object, tmp_path: Path) -> None:
