@@ -10,12 +10,12 @@ num_proc=2 and `datasketch.MinHashLSH`). It checks that both wrote the same trai
 validation files (byte for byte) and the same counts, and prints rows/s, CPU time and peak
 memory of each side.
 
-Peak memory: while a side runs, the parent samples every process of its tree (the
-subprocess and all its descendants, via psutil) every 0.1 s and keeps the largest sum of
-RSS (shared pages count once per process, so this overstates) and, every 0.5 s, the largest
-sum of PSS (shared pages split between the processes that map them). CPU time is the
-user + system time of the tree from `getrusage(RUSAGE_CHILDREN)`, less sensitive than wall
-time to other load on the machine.
+Peak memory: while a side runs, the parent samples the processes of its tree (the
+subprocess and all its descendants, via psutil; see `TreeMemory`) and keeps the largest sum
+of RSS (shared pages count once per process, so this overstates) and of PSS (shared pages
+split between the processes that map them). CPU time is the user + system time of the tree
+from `getrusage(RUSAGE_CHILDREN)`; "other CPU" is what the rest of the machine used
+meanwhile (from /proc/stat, less the tree and this script's sampling).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 SIDES = ("ours", "baseline")
 COMPARED = ("counts", "invalidByReason", "filteredByReason", "duplicatesByKind")
 RSS_INTERVAL_S = 0.1
-PSS_EVERY = 5
+LIST_INTERVAL_S = 1.0
+PSS_INTERVAL_S = 1.0
 MIB = 1024 * 1024
+TOKENIZER_ENV = "BENCH_TOKENIZER_DIR"
 
 
 @dataclass
@@ -54,6 +57,8 @@ class Measured:
     peak_pss_mib: float
     other_cpu_seconds: float
     """CPU time the rest of the machine used meanwhile (other users disturb the timing)."""
+    monitor_cpu_seconds: float
+    """CPU time this script spent sampling memory meanwhile."""
     result: dict[str, Any]
 
     @property
@@ -107,25 +112,47 @@ def _child(side: str, data: Path, out: Path, tokenizer_dir: Path, workers: int) 
     (out / "result.json").write_text(json.dumps(result), encoding="utf-8")
 
 
-def _tree_memory(root: Any, with_pss: bool) -> tuple[int, int]:
-    """Sum of RSS (and of PSS when asked) over a process and its descendants, in bytes."""
-    import psutil
+class TreeMemory:
+    """Peak memory of a process and its descendants, sampled cheaply enough not to slow
+    the run down: RSS (from /proc/PID/statm) every 0.1 s, the process list refreshed every
+    second, PSS (from smaps, costly for big processes) at most once a second and only
+    while the summed RSS is within 5 % of its peak so far."""
 
-    rss = pss = 0
-    try:
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0, 0
-    for process in processes:
-        try:
-            if with_pss:
-                info = process.memory_full_info()
-                rss, pss = rss + info.rss, pss + info.pss
-            else:
-                rss += process.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue  # exited between listing and reading
-    return rss, pss
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.processes = [self.root]
+        self.listed_at = self.pss_at = time.perf_counter()
+        self.peak_rss = self.peak_pss = 0
+
+    def _each(self, read: Callable[[Any], int]) -> int:
+        import psutil
+
+        total = 0
+        for process in self.processes:
+            try:
+                total += read(process)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue  # exited since it was listed
+        return total
+
+    def sample(self) -> None:
+        """Take one sample."""
+        import psutil
+
+        now = time.perf_counter()
+        if now - self.listed_at >= LIST_INTERVAL_S:
+            try:
+                self.processes = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            self.listed_at = now
+        rss = self._each(lambda p: p.memory_info().rss)
+        self.peak_rss = max(self.peak_rss, rss)
+        if rss >= 0.95 * self.peak_rss and now - self.pss_at >= PSS_INTERVAL_S:
+            self.peak_pss = max(self.peak_pss, self._each(lambda p: p.memory_full_info().pss))
+            self.pss_at = now
 
 
 def _machine_busy_seconds() -> float:
@@ -138,7 +165,6 @@ def _machine_busy_seconds() -> float:
 
 def measure(side: str, data: Path, out: Path, tokenizer_dir: Path, workers: int) -> Measured:
     """Run one side in a subprocess; wall time, CPU time and peak memory of its tree."""
-    import psutil
 
     out.mkdir(parents=True, exist_ok=True)
     command = [
@@ -150,38 +176,41 @@ def measure(side: str, data: Path, out: Path, tokenizer_dir: Path, workers: int)
         str(data),
         "--out",
         str(out),
-        "--tokenizer-dir",
-        str(tokenizer_dir),
         "--workers",
         str(workers),
     ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    monitor_before = resource.getrusage(resource.RUSAGE_SELF)
     busy_before = _machine_busy_seconds()
     start = time.perf_counter()
-    process = subprocess.Popen(command)
-    root = psutil.Process(process.pid)
-    peak_rss = peak_pss = 0
-    samples = 0
+    # The tokenizer path travels in the environment: a command line naming "kubetune" is
+    # what a colleague's `pkill -f kubetune` on a shared machine would hit.
+    env = {**os.environ, TOKENIZER_ENV: str(tokenizer_dir)}
+    process = subprocess.Popen(command, env=env)
+    memory = TreeMemory(process.pid)
     while process.poll() is None:
-        rss, pss = _tree_memory(root, with_pss=samples % PSS_EVERY == 0)
-        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-        samples += 1
+        memory.sample()
         time.sleep(RSS_INTERVAL_S)
     seconds = time.perf_counter() - start
     busy = _machine_busy_seconds() - busy_before
+    monitor_after = resource.getrusage(resource.RUSAGE_SELF)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if process.returncode != 0:
         raise SystemExit(f"{side} failed with exit code {process.returncode}")
     result = json.loads((out / "result.json").read_text(encoding="utf-8"))
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    monitor = (monitor_after.ru_utime - monitor_before.ru_utime) + (
+        monitor_after.ru_stime - monitor_before.ru_stime
+    )
     return Measured(
         side,
         result["counts"]["rows"],
         seconds,
         cpu,
-        peak_rss / MIB,
-        peak_pss / MIB,
-        max(0.0, busy - cpu),
+        memory.peak_rss / MIB,
+        memory.peak_pss / MIB,
+        max(0.0, busy - cpu - monitor),
+        monitor,
         result,
     )
 
@@ -218,13 +247,15 @@ def compare(ours: Measured, ours_dir: Path, baseline: Measured, baseline_dir: Pa
 def table(runs: list[Measured]) -> str:
     """The runs as a Markdown table."""
     lines = [
-        "| side | rows | seconds | rows/s | CPU s | other CPU s | peak RSS MiB | peak PSS MiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| side | rows | seconds | rows/s | CPU s | other CPU s | sampling CPU s "
+        "| peak RSS MiB | peak PSS MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for m in runs:
         lines.append(
             f"| {m.side} | {m.rows:,} | {m.seconds:.1f} | {m.rows_per_s:,.0f} | "
-            f"{m.cpu_seconds:.1f} | {m.other_cpu_seconds:.1f} | {m.peak_rss_mib:,.0f} | "
+            f"{m.cpu_seconds:.1f} | {m.other_cpu_seconds:.1f} | {m.monitor_cpu_seconds:.1f} | "
+            f"{m.peak_rss_mib:,.0f} | "
             f"{m.peak_pss_mib:,.0f} |"
         )
     return "\n".join(lines)
@@ -288,18 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--tokenizer-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if args.child:
-        _child(args.child, args.data, args.out, args.tokenizer_dir, args.workers)
+        _child(args.child, args.data, args.out, Path(os.environ[TOKENIZER_ENV]), args.workers)
         return 0
 
     sys.path.insert(0, str(BENCH_DIR))
     from synthetic import write_jsonl
 
-    root = args.keep or Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
+    root = args.keep or Path(tempfile.mkdtemp(prefix="bench-data-prepare-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
         tokenizer_dir = _tokenizer_dir()
