@@ -122,6 +122,21 @@ def test_malformed_json_line_is_reported_with_its_line(
         run(tmp_path, builtin_model_dir, uri=str(source))
 
 
+def test_lone_surrogate_is_an_invalid_row_not_a_crash(
+    tmp_path: Path, builtin_model_dir: Path
+) -> None:
+    text = "".join(json.dumps(alpaca(i)) + "\n" for i in range(30))
+    text += '{"instruction": "broken \\ud800 text", "output": "x"}\n'  # line 31
+    source = tmp_path / "surrogate.jsonl"
+    source.write_text(text)
+    result = run(tmp_path, builtin_model_dir, uri=str(source), maxInvalidFraction="0.05")
+    assert result.summary["invalidByReason"] == {"invalid-unicode": 1}
+    assert result.summary["problems"][0].startswith(f"{source}:31: lone UTF-16 surrogate")
+    counts = result.summary["counts"]
+    assert (counts["rows"], counts["invalid"]) == (31, 1)
+    assert counts["train"] + counts["validation"] == 30
+
+
 def test_split_is_deterministic_and_disjoint(tmp_path: Path, builtin_model_dir: Path) -> None:
     source = write_jsonl(tmp_path / "s.jsonl", [alpaca(i) for i in range(60)])
     a = run(

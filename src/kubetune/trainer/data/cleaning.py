@@ -19,7 +19,10 @@ _MANY_BLANK_LINES = re.compile(r"\n{3,}")
 
 def normalize_text(text: str) -> str:
     """Unicode NFC, Unix newlines, no trailing spaces on lines, at most one blank line in a
-    row, no leading or trailing whitespace."""
+    row, no leading or trailing whitespace. Text that is not valid Unicode (a lone UTF-16
+    surrogate, e.g. from a JSON "\\ud800" escape) is refused: no tokenizer can encode it."""
+    if not text.isascii():
+        _check_encodable(text)
     text = unicodedata.normalize("NFC", text)
     # Each step only when its pattern can occur (a substring test is much cheaper).
     if "\r" in text:
@@ -29,6 +32,17 @@ def normalize_text(text: str) -> str:
     if "\n\n\n" in text:
         text = _MANY_BLANK_LINES.sub("\n\n", text)
     return text.strip()
+
+
+def _check_encodable(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowError(
+            "invalid-unicode",
+            f"lone UTF-16 surrogate {text[exc.start]!r} at character {exc.start}; fix the "
+            "encoding of the source (surrogate pairs must be complete)",
+        ) from None
 
 
 def _normalize_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
