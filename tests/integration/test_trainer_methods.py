@@ -186,3 +186,21 @@ def test_unavailable_features_are_refused_before_any_work(
         run(tmp_path, spec)
     assert getattr(info.value, "reason", None) == Reason.INVALID_SPEC
     assert not (tmp_path / "out").exists()
+
+
+def test_mlflow_run_records_the_training_metrics(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from support.mlflow_server import mlflow_server
+
+    with mlflow_server(tmp_path / "mlflow") as url:
+        tracking = {"mlflow": {"trackingUri": url, "experimentName": "kubetune-test"}}
+        result, _ = run(tmp_path, job_spec(tiny_model_dir, tracking=tracking))
+        assert result.reason == Reason.SUCCEEDED
+        client = MlflowClient(tracking_uri=url)
+        experiment = client.get_experiment_by_name("kubetune-test")
+        assert experiment is not None
+        (logged,) = client.search_runs([experiment.experiment_id])
+        history = client.get_metric_history(logged.info.run_id, "loss")
+        assert [m.step for m in history] == [1, 2, 3]
+        assert logged.data.params["learning_rate"]

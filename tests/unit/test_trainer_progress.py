@@ -45,3 +45,47 @@ def test_records_go_to_the_log_the_line_and_the_metrics_endpoint(tmp_path: Path)
         assert 'kubetune_trainer_loss{stage="SFT"} 1.25' in body
     finally:
         metrics.close()
+
+
+class _State:
+    is_world_process_zero = True
+
+    def __init__(self, step: int, max_steps: int) -> None:
+        self.global_step, self.max_steps = step, max_steps
+
+
+def test_rich_bar_on_a_terminal_shows_steps_and_loss() -> None:
+    import io
+
+    from rich.console import Console
+
+    from kubetune.trainer.progressbar import RichProgressBar
+
+    out = io.StringIO()
+    bar = RichProgressBar("SFT", Console(file=out, force_terminal=True, width=120))
+    state = _State(4, 10)  # resumed at step 4
+    bar.on_train_begin(None, state, None)
+    state.global_step = 7
+    bar.on_step_end(None, state, None)
+    bar.on_log(None, state, None, logs={"loss": 0.1234, "learning_rate": 1e-4})
+    bar.on_train_end(None, state, None)
+    text = out.getvalue()
+    assert "SFT" in text
+    assert "7/10" in text
+    assert "loss 0.1234" in text
+
+
+def test_rich_bar_is_silent_without_a_terminal() -> None:
+    import io
+
+    from rich.console import Console
+
+    from kubetune.trainer.progressbar import RichProgressBar
+
+    out = io.StringIO()
+    bar = RichProgressBar("SFT", Console(file=out, force_terminal=False))
+    state = _State(0, 10)
+    bar.on_train_begin(None, state, None)
+    bar.on_step_end(None, state, None)
+    bar.on_train_end(None, state, None)
+    assert out.getvalue() == ""

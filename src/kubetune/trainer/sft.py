@@ -175,7 +175,7 @@ def sft_config(
         report_to=report_to,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
-        disable_tqdm=False,
+        disable_tqdm=True,
         use_cpu=not cuda,
     )
 
@@ -189,13 +189,8 @@ def _callbacks(
     log: Callable[[str], None],
 ) -> list[Any]:
     from transformers import TrainerCallback
-    from transformers.trainer_callback import ProgressCallback
 
-    class Bar(ProgressCallback):
-        """The progress bar without the raw log dicts (our log line says it better)."""
-
-        def on_log(self, *args: Any, **kwargs: Any) -> None:
-            return None
+    from kubetune.trainer.progressbar import RichProgressBar
 
     class StoreAndReport(TrainerCallback):
         def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
@@ -221,7 +216,7 @@ def _callbacks(
                 control.should_save = True
                 control.should_training_stop = True
 
-    return [StoreAndReport(), Bar()]
+    return [StoreAndReport(), RichProgressBar(progress.stage)]
 
 
 def train_sft(
