@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+MAX_SHARD_SIZE = "4GB"
+"""Largest safetensors shard of merged weights (vLLM and transformers read the index)."""
+
+
 class ExportError(Exception):
     """An export that this version cannot produce; carries the contract reason."""
 
@@ -52,9 +56,12 @@ def merge_adapter(
     folder: Path,
     dtype_name: str,
     seed: int,
+    max_shard_size: str = MAX_SHARD_SIZE,
 ) -> Path:
     """Base weights (reloaded unquantized, also after QLoRA; rebuilt from the seed for
-    builtin://random) plus the adapter, merged."""
+    builtin://random) plus the adapter (LoRA or DoRA), merged: sharded safetensors with the
+    config, generation config and tokenizer, loadable by vLLM and transformers as they are.
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -70,7 +77,7 @@ def merge_adapter(
         )
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     folder.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(folder), safe_serialization=True)
+    merged.save_pretrained(str(folder), safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(folder))
     return folder
 
