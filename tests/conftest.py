@@ -47,14 +47,22 @@ def builtin_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, builtin_model_dir: Path) -> Path:
+def builtin_tokenizer_dir() -> Path:
+    """The built-in tokenizer alone (works from the cache on machines without the package)."""
+    from kubetune.trainer.resolve import builtin_tokenizer_dir
+
+    return builtin_tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, builtin_tokenizer_dir: Path) -> Path:
     """A tiny random Llama (2 layers, hidden 64) with the built-in tokenizer, saved as a
     local Hugging Face folder: trains in seconds on a CPU."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(builtin_tokenizer_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,

@@ -148,33 +148,27 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(result: object) -> None:
-    import json as _json
+def _print_summary(run_uri: str) -> None:
+    from kubetune.report import load_run, summary_text
 
-    from kubetune.storage import open_store, parse_run_uri
+    print(summary_text(load_run(run_uri)), file=sys.stderr)
 
-    layout = parse_run_uri(result.run_uri)  # type: ignore[attr-defined]
-    store = open_store(layout.output_uri)
-    metrics = _json.loads(store.get_bytes(layout.key(layout.EVAL_METRICS)))
-    rows = sorted(set(metrics["base"]) | set(metrics["tuned"]))
-    if rows:
-        print(f"{'metric':<14}{'base':>12}{'tuned':>12}{'delta':>12}", file=sys.stderr)
-        for key in rows:
-            base, tuned = metrics["base"].get(key), metrics["tuned"].get(key)
-            cells = [
-                f"{v:>12.4f}" if isinstance(v, float | int) else f"{'-':>12}" for v in (base, tuned)
-            ]
-            delta = metrics["delta"].get(key)
-            cells.append(f"{delta:>+12.4f}" if delta is not None else f"{'-':>12}")
-            print(f"{key:<14}{''.join(cells)}", file=sys.stderr)
-    for outcome in metrics.get("gate", []):
-        rule = outcome["rule"]
-        verdict = "passed" if outcome["passed"] else "FAILED"
-        print(
-            f"gate {rule['metric']} {rule['operator']} {rule['value']} "
-            f"({rule.get('relativeTo', 'Absolute')}): {outcome['value']:.4f} {verdict}",
-            file=sys.stderr,
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kubetune.report import ReportError, report
+
+    try:
+        text, _ = report(
+            args.run_uri,
+            open_browser=args.open,
+            output=Path(args.output) if args.output else None,
+            endpoint_url=args.endpoint_url,
         )
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -211,7 +205,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"(work files kept in {work})", file=sys.stderr)
         return code
     shutil.rmtree(work, ignore_errors=True)
-    _print_summary(result)
+    if result.run_uri:
+        _print_summary(result.run_uri)
     if result.gate_passed is False:
         print(
             "The evaluation gate FAILED: artifacts are published, deployments refuse them.",
@@ -354,6 +349,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on this port while training (default: off)",
     )
     run.set_defaults(func=cmd_run)
+
+    report = sub.add_parser(
+        "report",
+        help="summarize a finished run and write its HTML report",
+        description="Print the run's metrics (base, tuned, delta), gate verdict and artifacts, "
+        "and write the self-contained evaluation report: RUN_URI/eval/report.html for local "
+        "runs, ./report-<run id>.html for s3:// runs (the run in S3 is never modified). "
+        "Exit status 1 if the run is missing or incomplete. See docs/evaluation.md.",
+    )
+    report.add_argument("run_uri", metavar="RUN_URI", help="as printed by `kubetune run`")
+    report.add_argument("--open", action="store_true", help="open the report in a browser")
+    report.add_argument("--output", metavar="FILE", help="write the HTML report here instead")
+    report.add_argument(
+        "--endpoint-url", metavar="URL", help="S3 endpoint (MinIO, Ceph…); default from AWS_*"
+    )
+    report.set_defaults(func=cmd_report)
 
     calc = sub.add_parser(
         "calc",

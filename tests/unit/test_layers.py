@@ -29,6 +29,7 @@ def imported_after(module: str) -> set[str]:
         "kubetune.calc",
         "kubetune.cli",
         "kubetune.storage.layout",
+        "kubetune.report",
     ],
 )
 def test_light_modules_never_import_ml_or_kubernetes_libraries(module: str) -> None:

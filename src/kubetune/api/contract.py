@@ -23,6 +23,9 @@ from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 
 SCHEMA_VERSION = 1
 TERMINATION_MESSAGE_LIMIT = 4096
+JUDGE_API_KEY_ENV = "KUBETUNE_JUDGE_API_KEY"
+"""The trainer pod's environment variable holding the LLM judge's API key (the operator
+fills it from evaluation.judge.apiKeySecretRef)."""
 """The kubelet truncates termination messages beyond this many bytes."""
 
 

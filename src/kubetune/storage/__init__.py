@@ -16,7 +16,7 @@ from kubetune.storage.errors import (
     StorageError,
     TransferFailed,
 )
-from kubetune.storage.layout import RunLayout, new_run_id, parse_run_uri, run_id_for
+from kubetune.storage.layout import RunLayout, new_run_id, parse_run_uri, run_id_for, spec_hash
 from kubetune.storage.store import ObjectInfo, Store, open_store
 
 __all__ = [
@@ -34,4 +34,5 @@ __all__ = [
     "open_store",
     "parse_run_uri",
     "run_id_for",
+    "spec_hash",
 ]

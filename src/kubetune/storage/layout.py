@@ -221,13 +221,18 @@ def run_id_for(spec: FineTuneJobSpec) -> str:
     changes the ids of specs relying on it: a new run, never a resume with different
     settings.
     """
+    return spec_hash(spec)[:RUN_ID_LENGTH]
+
+
+def spec_hash(spec: FineTuneJobSpec) -> str:
+    """The full sha256 (hex) of the canonical training fields; recorded in the lineage."""
     text = json.dumps(
         [_CANONICAL_VERSION, canonical_spec(spec)],
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
     )
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:RUN_ID_LENGTH]
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def canonical_spec(spec: FineTuneJobSpec) -> dict[str, Any]:

@@ -72,3 +72,47 @@ def run_data_stage(
     return DataStageResult(
         layout.uri_for(layout.DATA_TRAIN), layout.uri_for(layout.DATA_VAL), prepared.summary, False
     )
+
+
+EVAL_DATA = "data/eval.jsonl"
+EVAL_REPORT = "data/eval-report.json"
+
+
+def run_eval_data_stage(
+    spec: FineTuneJobSpec,
+    layout: RunLayout,
+    store: Store,
+    *,
+    tokenizer_dir: Path,
+    work_dir: Path,
+    log: Callable[[str], None] = print,
+) -> bool:
+    """Prepare `evaluation.evalDataset` (same cleaning, every kept row, no split) once per
+    run and publish it as data/eval.jsonl (its report last). False when there is none."""
+    evaluation = spec.evaluation
+    if evaluation is None or evaluation.eval_dataset is None:
+        return False
+    if store.exists(layout.key(EVAL_REPORT)):
+        return True
+    training = spec.training or TrainingSpec()
+    prepared = prepare_dataset(
+        evaluation.eval_dataset,
+        tokenizer_dir=tokenizer_dir,
+        max_seq_length=training.max_seq_length,
+        out_dir=work_dir / "eval-data",
+        work_dir=work_dir / "eval-data-work",
+        log=log,
+    )
+    # The preparation splits off a validation part; an evaluation set wants every row.
+    combined = work_dir / "eval-data" / "eval.jsonl"
+    with combined.open("wb") as out:
+        for part in (prepared.train, prepared.validation):
+            out.write(part.read_bytes())
+    store.put_file(combined, layout.key(EVAL_DATA))
+    store.put_file(prepared.report, layout.key(EVAL_REPORT))
+    counts = prepared.summary["counts"]
+    log(
+        f"Prepared {counts['train'] + counts['validation']} evaluation examples from "
+        f"{counts['rows']} rows of evaluation.evalDataset"
+    )
+    return True

@@ -1,24 +1,23 @@
-"""Evaluation of the base and the tuned model on held-out examples, and the gate.
+"""The measurements evaluation is made of, and the gate.
 
-Metrics here: Perplexity / EvalLoss (assistant tokens only, like training), ExactMatch,
-ROUGE (rouge-score: ROUGE1/2/L F1) and BLEU (sacrebleu) on greedy generations. The base
-model is measured before training, so no second copy of the weights is ever needed.
+Perplexity / EvalLoss (assistant tokens only, like training); greedy (or sampled)
+generation; ExactMatch, ROUGE (rouge-score: ROUGE1/2/L F1) and BLEU (sacrebleu) of the
+answers; the gate rules. `eval_stage` puts them together (with BERTScore, suites and the
+judge from `scoring/`) for the base model before training and the tuned model after.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetune.api.base import parse_decimal
 from kubetune.api.contract import Reason
 from kubetune.api.v1alpha1.evaluation import (
-    EvaluationSpec,
     GateMetric,
     GateOperator,
     GateRule,
@@ -31,7 +30,6 @@ from kubetune.trainer.tokenize import IGNORE_INDEX, tokenize_example
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-AVAILABLE = (Metric.PERPLEXITY, Metric.EXACT_MATCH, Metric.ROUGE, Metric.BLEU)
 LOWER_IS_BETTER = {GateMetric.PERPLEXITY.value, GateMetric.EVAL_LOSS.value}
 
 
@@ -41,17 +39,6 @@ class EvaluationError(Exception):
     def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-def check_metrics_available(spec: EvaluationSpec) -> None:
-    """Refuse, before any work, metrics this version cannot compute."""
-    missing = [m.value for m in spec.metrics if m not in AVAILABLE]
-    if missing:
-        raise EvaluationError(
-            Reason.INVALID_SPEC,
-            f"evaluation.metrics {', '.join(missing)} cannot be computed by this version of "
-            f"the trainer (available: {', '.join(m.value for m in AVAILABLE)}); remove them",
-        )
 
 
 def load_examples(path: Path, limit: int) -> list[dict[str, Any]]:
@@ -131,7 +118,7 @@ def generate(
         for e in examples
     ]
     temperature = parse_decimal(generation.temperature)
-    prompt_learning = _is_prompt_learning(model)
+    prompt_learning = is_prompt_learning(model)
     if prompt_learning:
         # PEFT ignores position ids for prompt learning, so left-padded batches would get
         # shifted positions: generate one prompt at a time (no padding, positions exact).
@@ -161,12 +148,14 @@ def generate(
     return answers
 
 
-def _is_prompt_learning(model: Any) -> bool:
+def is_prompt_learning(model: Any) -> bool:
+    """Whether a PEFT model prepends virtual tokens (prompt or prefix tuning)."""
     config = getattr(model, "active_peft_config", None)
     return bool(getattr(config, "is_prompt_learning", False))
 
 
-def _normalize(text: str) -> str:
+def normalize_answer(text: str) -> str:
+    """What ExactMatch compares: lower case, single spaces, no surrounding spaces or dots."""
     return " ".join(text.lower().split()).strip(" .")
 
 
@@ -179,7 +168,8 @@ def text_metrics(
         return out
     if Metric.EXACT_MATCH in metrics:
         same = sum(
-            _normalize(p) == _normalize(r) for p, r in zip(predictions, references, strict=True)
+            normalize_answer(p) == normalize_answer(r)
+            for p, r in zip(predictions, references, strict=True)
         )
         out[GateMetric.EXACT_MATCH.value] = same / len(predictions)
     if Metric.ROUGE in metrics:
@@ -196,40 +186,6 @@ def text_metrics(
     return out
 
 
-@dataclass
-class ModelScores:
-    """Metrics of one model and its answers."""
-
-    metrics: dict[str, float] = field(default_factory=dict)
-    answers: list[str] = field(default_factory=list)
-
-
-def score_model(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: list[dict[str, Any]],
-    spec: EvaluationSpec,
-    batch_size: int,
-    log: Callable[[str], None],
-) -> ModelScores:
-    """Every available metric of one model on the examples."""
-    scores = ModelScores()
-    if Metric.PERPLEXITY in spec.metrics:
-        loss = eval_loss(model, tokenizer, examples, batch_size)
-        scores.metrics[GateMetric.EVAL_LOSS.value] = loss
-        scores.metrics[GateMetric.PERPLEXITY.value] = math.exp(min(loss, 50.0))
-    generative = [m for m in spec.metrics if m in (Metric.EXACT_MATCH, Metric.ROUGE, Metric.BLEU)]
-    conversations = [e for e in examples if "messages" in e]
-    if generative and conversations:
-        scores.answers = generate(
-            model, tokenizer, conversations, spec.generation or GenerationSpec(), batch_size
-        )
-        references = [e["messages"][-1]["content"] for e in conversations]
-        scores.metrics.update(text_metrics(generative, scores.answers, references))
-    log("  ".join(f"{k} {v:.4f}" for k, v in sorted(scores.metrics.items())))
-    return scores
-
-
 def _passes(value: float, operator: GateOperator, threshold: float) -> bool:
     return {
         GateOperator.GE: value >= threshold,
@@ -241,10 +197,11 @@ def _passes(value: float, operator: GateOperator, threshold: float) -> bool:
 
 @dataclass(frozen=True)
 class GateOutcome:
-    """One gate rule, what was compared, and whether it passed."""
+    """One gate rule, what was compared, and whether it passed. `value` is None when the
+    metric could not be computed (e.g. every judge answer unparseable): the rule fails."""
 
     rule: GateRule
-    value: float
+    value: float | None
     passed: bool
 
     def describe(self) -> str:
@@ -252,20 +209,21 @@ class GateOutcome:
         if self.rule.relative_to == RelativeTo.BASE:
             subject += " - base"
         verdict = "passed" if self.passed else "FAILED"
-        return (
-            f"{subject} = {self.value:.4f} {self.rule.operator.value} {self.rule.value}: {verdict}"
-        )
+        shown = "not computed" if self.value is None else f"{self.value:.4f}"
+        return f"{subject} = {shown} {self.rule.operator.value} {self.rule.value}: {verdict}"
 
 
 def check_gate(
     rules: list[GateRule], tuned: dict[str, float], base: dict[str, float]
 ) -> list[GateOutcome]:
-    """Evaluate the gate rules (relativeTo Base compares tuned minus base)."""
+    """Evaluate the gate rules (relativeTo Base compares tuned minus base). A rule whose
+    metric is missing on either side fails: a gate never passes on what was not measured."""
     outcomes = []
     for rule in rules:
         key = rule.metric.value
-        value = tuned[key] - base[key] if rule.relative_to == RelativeTo.BASE else tuned[key]
-        outcomes.append(
-            GateOutcome(rule, value, _passes(value, rule.operator, parse_decimal(rule.value)))
-        )
+        value: float | None = tuned.get(key)
+        if rule.relative_to == RelativeTo.BASE:
+            value = None if value is None or key not in base else value - base[key]
+        passed = value is not None and _passes(value, rule.operator, parse_decimal(rule.value))
+        outcomes.append(GateOutcome(rule, value, passed))
     return outcomes

@@ -1,7 +1,8 @@
 """The recipe: one FineTuneJob run, top to bottom.
 
 validate → resolve the model → prepare data → measure the base model → train the stages →
-save and measure the tuned model → gate → merge → publish the manifest (last).
+save and measure the tuned model → judge → gate → merge → quantize → publish the
+evaluation files and the report → publish the manifest (last).
 
 Each step skips what the artifact store already holds, so a restarted pod resumes: the
 data is not prepared twice, a finished stage is not trained again, and training resumes
@@ -10,21 +11,21 @@ from its latest committed checkpoint.
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from kubetune.api.contract import Reason, TrainerConfig, TrainerResult
 from kubetune.api.v1alpha1.alignment import StageType
-from kubetune.api.v1alpha1.evaluation import EvaluationSpec
+from kubetune.api.v1alpha1.evaluation import EvaluationSpec, ExportSpec
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.api.v1alpha1.training import TrainingSpec
-from kubetune.storage import ObjectInfo, RunLayout, Store, open_store
+from kubetune.storage import ObjectInfo, RunLayout, Store, open_store, spec_hash
 from kubetune.storage.manifest import read_manifest, write_manifest
-from kubetune.trainer import evaluate, export, models
-from kubetune.trainer.data_stage import run_data_stage
+from kubetune.trainer import eval_stage, evaluate, export, export_stage, models
+from kubetune.trainer.data_stage import EVAL_DATA, run_data_stage, run_eval_data_stage
+from kubetune.trainer.eval_publish import EvalRecord, publish_eval
 from kubetune.trainer.progress import Metrics
 from kubetune.trainer.resolve import ResolvedModel, resolve_model
 from kubetune.trainer.sft import train_sft
@@ -50,8 +51,6 @@ def check_supported(spec: FineTuneJobSpec) -> None:
             f"stage(s) {', '.join(unsupported)} are not available in this version of the "
             "trainer (available: SFT)",
         )
-    evaluate.check_metrics_available(spec.evaluation or EvaluationSpec())
-    export.check_export_available(spec)
 
 
 def _layout(config: TrainerConfig) -> RunLayout:
@@ -120,10 +119,19 @@ def run_pipeline(
         return _result_from_manifest(store, layout)
     log(f"Run {layout.run_uri}")
     resolved = resolve_model(spec.model, allow_builtin_random=config.allow_builtin_random)
+    _check_export(spec, resolved)
     tokenizer = models.tokenizer_for(resolved, spec)
-    run_data_stage(spec, layout, store, tokenizer_dir=resolved.path, work_dir=work_dir, log=log)
+    data = run_data_stage(
+        spec, layout, store, tokenizer_dir=resolved.path, work_dir=work_dir, log=log
+    )
+    has_eval_set = run_eval_data_stage(
+        spec, layout, store, tokenizer_dir=resolved.path, work_dir=work_dir, log=log
+    )
     train_path = _local_copy(store, layout, layout.DATA_TRAIN, work_dir / "run")
     val_path = _local_copy(store, layout, layout.DATA_VAL, work_dir / "run")
+    eval_path = _local_copy(store, layout, EVAL_DATA, work_dir / "run") if has_eval_set else None
+    evaluation = spec.evaluation or EvaluationSpec()
+    inputs = eval_stage.prepare_inputs(evaluation, val_path, eval_path, work_dir, log)
 
     cuda = torch.cuda.is_available()
     _preflight(spec, resolved, cuda, log)
@@ -133,9 +141,9 @@ def run_pipeline(
     )
     torch.manual_seed(training.seed)
     model = models.load_base_model(spec, resolved, precisions, training.seed, work_dir)
-    evaluation = spec.evaluation or EvaluationSpec()
-    examples = evaluate.load_examples(val_path, evaluation.max_samples)
-    base = _base_scores(store, layout, model, tokenizer, examples, evaluation, training, log)
+    base = eval_stage.base_scores(
+        store, layout, model, tokenizer, inputs, evaluation, training.batch_size, log
+    )
 
     models.undo_cpu_inference_packing(model)
     checkpointing = models.gradient_checkpointing(spec, cuda)
@@ -162,54 +170,75 @@ def run_pipeline(
     finally:
         if gauges is not None:
             gauges.close()
-    files = _upload_folder(
-        store,
-        layout,
-        export.save_trained(spec, stage.model, tokenizer, work_dir / "trained"),
-        export.trained_folder_name(spec) + "/",
-    )
+    trained_dir = export.save_trained(spec, stage.model, tokenizer, work_dir / "trained")
+    files = _upload_folder(store, layout, trained_dir, export.trained_folder_name(spec) + "/")
     log("Evaluating the tuned model")
-    tuned = evaluate.score_model(
-        stage.model, tokenizer, examples, evaluation, training.batch_size, log
+    tuned = eval_stage.score_model(
+        stage.model, tokenizer, inputs, evaluation, training.batch_size, log
     )
+    judged = eval_stage.run_judge(evaluation, inputs, base, tuned, log)
     gate = evaluate.check_gate(evaluation.gate, tuned.metrics, base.metrics)
     for outcome in gate:
         log(f"Gate: {outcome.describe()}")
     gate_passed = all(o.passed for o in gate) if gate else None
-    if export.needs_merge(spec):
-        log("Merging the adapter into the base weights")
-        merged = export.merge_adapter(
-            resolved,
-            work_dir / "trained",
-            tokenizer,
-            work_dir / "merged",
-            "bfloat16" if precisions.bf16 else "float32",
-            training.seed,
-        )
-        files += _upload_folder(store, layout, merged, "merged/")
-    files += _publish_eval(store, layout, work_dir, examples, base, tuned, gate, stage.log)
-    if (work_dir / "tensorboard").is_dir():
-        files += _upload_folder(store, layout, work_dir / "tensorboard", "tensorboard/")
-    summary = {
+    steps, resumed_from, training_metrics, train_log = (
+        stage.steps,
+        stage.resumed_from_step,
+        stage.metrics,
+        stage.log,
+    )
+    del model, stage  # the export stage loads what it needs; free the training copy
+    _free_accelerator_memory()
+
+    exported = export_stage.run_export(
+        spec,
+        resolved,
+        trained_dir,
+        tokenizer,
+        work_dir=work_dir,
+        dtype_name="bfloat16" if precisions.bf16 else "float32",
+        calibration=evaluate.load_examples(
+            train_path, (spec.export or ExportSpec()).calibration_samples
+        ),
+        examples=inputs.examples,
+        reference_perplexity=tuned.metrics.get("Perplexity"),
+        log=log,
+    )
+    for folder, prefix in exported.folders:
+        files += _upload_folder(store, layout, folder, prefix)
+    summary: dict[str, Any] = {
         "base": base.metrics,
         "tuned": tuned.metrics,
-        "delta": {
-            k: tuned.metrics[k] - base.metrics[k] for k in tuned.metrics if k in base.metrics
-        },
-        "training": stage.metrics,
+        "delta": _delta(base.metrics, tuned.metrics),
+        "training": training_metrics,
     }
+    if exported.quantized:
+        summary["quantized"] = exported.quantized
+    lineage = _lineage(spec, resolved, layout, data.report, steps, gate_passed)
+    now = datetime.now(timezone.utc)
+    files += publish_eval(
+        store,
+        layout,
+        work_dir,
+        EvalRecord(inputs, base, tuned, gate, judged, exported.quantized, lineage, evaluation),
+        {
+            "logs/train.jsonl": train_log,
+            layout.DATA_TRAIN: train_path,
+            layout.DATA_VAL: val_path,
+            layout.DATA_REPORT: _local_copy(store, layout, layout.DATA_REPORT, work_dir / "run"),
+        },
+        uploaded=files,
+        created_at=now,
+    )
+    if (work_dir / "tensorboard").is_dir():
+        files += _upload_folder(store, layout, work_dir / "tensorboard", "tensorboard/")
     manifest = write_manifest(
         store,
         layout,
         files + [o for o in store.list(layout.key("data/"))],
-        lineage={
-            "model": {"uri": resolved.uri, "revision": resolved.revision},
-            "runId": layout.run_id,
-            "stages": [s.type.value for s in spec.stages],
-            "steps": stage.steps,
-            "gatePassed": gate_passed,
-        },
+        lineage=lineage,
         metrics=summary,
+        created_at=now,
     )
     log(f"Published {layout.run_uri}/manifest.json ({manifest.digest})")
     return TrainerResult(
@@ -219,9 +248,63 @@ def run_pipeline(
         manifest_digest=manifest.digest,
         gate_passed=gate_passed,
         metrics=_headline(summary),
-        step=stage.steps,
-        resumed_from_step=stage.resumed_from_step,
+        step=steps,
+        resumed_from_step=resumed_from,
     )
+
+
+def _delta(base: dict[str, float], tuned: dict[str, float]) -> dict[str, float]:
+    return {k: tuned[k] - base[k] for k in tuned if k in base}
+
+
+def _lineage(
+    spec: FineTuneJobSpec,
+    resolved: ResolvedModel,
+    layout: RunLayout,
+    data_report: dict[str, Any],
+    steps: int,
+    gate_passed: bool | None,
+) -> dict[str, Any]:
+    """Where the model came from: base model and revision, data digest, spec hash."""
+    return {
+        "model": {"uri": resolved.uri, "revision": resolved.revision},
+        "runId": layout.run_id,
+        "specHash": spec_hash(spec),
+        "method": spec.method.value,
+        "dataset": {"uri": spec.dataset.uri, "digest": data_report.get("digest")},
+        "stages": [s.type.value for s in spec.stages],
+        "steps": steps,
+        "gatePassed": gate_passed,
+        "kubetuneVersion": _version(),
+    }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kubetune")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _check_export(spec: FineTuneJobSpec, resolved: ResolvedModel) -> None:
+    """Refuse, before training, quantized variants this trainer or model cannot make."""
+    exported = spec.export or ExportSpec()
+    if exported.quantize:
+        from kubetune.trainer.quantize import check_quantize_spec
+
+        check_quantize_spec(exported, resolved.path)
 
 
 def _preflight(spec: FineTuneJobSpec, resolved: ResolvedModel, cuda: bool, log: Log) -> None:
@@ -242,76 +325,3 @@ def _preflight(spec: FineTuneJobSpec, resolved: ResolvedModel, cuda: bool, log: 
     log(f"Memory estimate: {verdict.needed_gib:.1f} GiB per GPU of {memory_gib:.1f} GiB")
     if verdict.fits is False:
         raise PipelineError(Reason.INSUFFICIENT_GPU_MEMORY, verdict.advice)
-
-
-def _base_scores(
-    store: Store,
-    layout: RunLayout,
-    model: Any,
-    tokenizer: Any,
-    examples: list[dict[str, Any]],
-    evaluation: EvaluationSpec,
-    training: TrainingSpec,
-    log: Log,
-) -> evaluate.ModelScores:
-    """The base model's scores, measured once per run (kept in eval/base.json)."""
-    key = layout.key("eval/base.json")
-    if store.exists(key):
-        saved = json.loads(store.get_bytes(key))
-        return evaluate.ModelScores(saved["metrics"], saved["answers"])
-    if not evaluation.compare_base:
-        return evaluate.ModelScores()
-    log("Evaluating the base model")
-    scores = evaluate.score_model(model, tokenizer, examples, evaluation, training.batch_size, log)
-    document = {"metrics": scores.metrics, "answers": scores.answers}
-    store.put_bytes(json.dumps(document).encode(), key)
-    return scores
-
-
-def _publish_eval(
-    store: Store,
-    layout: RunLayout,
-    work_dir: Path,
-    examples: list[dict[str, Any]],
-    base: evaluate.ModelScores,
-    tuned: evaluate.ModelScores,
-    gate: list[evaluate.GateOutcome],
-    train_log: Path,
-) -> list[ObjectInfo]:
-    folder = work_dir / "eval"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    conversations = [e for e in examples if "messages" in e]
-    with (folder / "samples.jsonl").open("w", encoding="utf-8") as handle:
-        for index, example in enumerate(conversations):
-            record = {
-                "id": example["id"],
-                "prompt": example["messages"][:-1],
-                "reference": example["messages"][-1]["content"],
-                "base": base.answers[index] if index < len(base.answers) else None,
-                "tuned": tuned.answers[index] if index < len(tuned.answers) else None,
-            }
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    metrics = {
-        "base": base.metrics,
-        "tuned": tuned.metrics,
-        "delta": {
-            k: tuned.metrics[k] - base.metrics[k] for k in tuned.metrics if k in base.metrics
-        },
-        "gate": [
-            {
-                "rule": o.rule.model_dump(by_alias=True, mode="json"),
-                "value": o.value,
-                "passed": o.passed,
-            }
-            for o in gate
-        ],
-    }
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    infos = [
-        store.put_file(folder / name, layout.key(f"eval/{name}"))
-        for name in ("samples.jsonl", "metrics.json")
-    ]
-    infos.append(store.put_file(train_log, layout.key("logs/train.jsonl")))
-    base_info = [o for o in store.list(layout.key("eval/base.json"))]
-    return infos + base_info

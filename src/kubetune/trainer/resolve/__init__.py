@@ -13,7 +13,12 @@ them, so importing this package is cheap.
 from kubetune.trainer.resolve.builtin import BUILTIN_MODEL_URI
 from kubetune.trainer.resolve.cache import CACHE_DIR_ENV, MARKER, default_cache_root
 from kubetune.trainer.resolve.errors import ModelResolutionError
-from kubetune.trainer.resolve.resolver import ResolvedModel, build_random_model, resolve_model
+from kubetune.trainer.resolve.resolver import (
+    ResolvedModel,
+    build_random_model,
+    builtin_tokenizer_dir,
+    resolve_model,
+)
 from kubetune.trainer.resolve.tokenizer import (
     ALPACA_TEMPLATE,
     CHATML_TEMPLATE,
@@ -31,6 +36,7 @@ __all__ = [
     "ModelResolutionError",
     "ResolvedModel",
     "build_random_model",
+    "builtin_tokenizer_dir",
     "chat_template_override",
     "default_cache_root",
     "load_tokenizer",

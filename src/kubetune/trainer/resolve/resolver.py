@@ -227,6 +227,13 @@ def _builtin_revision(root: Path) -> str:
         raise
 
 
+def builtin_tokenizer_dir(cache_dir: str | Path | None = None) -> Path:
+    """The built-in model's tokenizer folder (from the package, or from the cache alone on
+    a machine without the package)."""
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
+    return _builtin_tokenizer(root, _builtin_revision(root))
+
+
 def _builtin_tokenizer(root: Path, revision: str) -> Path:
     path, _ = materialize(root, builtin.TOKENIZER_KEY, revision, builtin.build_builtin_tokenizer)
     return path

@@ -1,0 +1,2 @@
+"""Scores of generated answers beyond overlap metrics: an LLM judge, BERTScore and
+benchmark suites."""
