@@ -268,10 +268,12 @@ def train_sft(
         processing_class=tokenizer,
         callbacks=None,
     )
-    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    # Replace the default progress bar (it prints raw log dicts) by ours.
+    # Replace the default progress display (a tqdm bar, or raw log dicts on stdout when
+    # tqdm is disabled) by ours: the rich bar on a terminal and the log lines.
     trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
     for callback in _callbacks(store, layout, keep, progress, stop, log):
         trainer.add_callback(callback)
     progress.total_steps = trainer.state.max_steps or _planned_steps(trainer)
