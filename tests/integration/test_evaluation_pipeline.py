@@ -197,6 +197,8 @@ def test_quantized_variants_are_published_measured_and_loadable(
     store = open_store(layout.output_uri)
     manifest = verify_run(store, layout)
     metrics = json.loads(store.get_bytes(layout.key("eval/metrics.json")))
+    # On a CPU the merge is exact (fp32): the merged model scores what base + adapter did.
+    assert metrics["merged"]["perplexity"] == pytest.approx(metrics["tuned"]["Perplexity"], 1e-4)
     formats = {"W4A16": "pack-quantized", "W8A8": "int-quantized", "FP8": "float-quantized"}
     for scheme, fmt in formats.items():
         variant = metrics["quantized"][scheme]
@@ -206,8 +208,9 @@ def test_quantized_variants_are_published_measured_and_loadable(
             continue
         assert variant["format"] == fmt
         assert variant["sizeBytes"] > 0
+        assert variant["referencePerplexity"] == metrics["merged"]["perplexity"]
         assert variant["perplexityDelta"] == pytest.approx(
-            variant["perplexity"] - metrics["tuned"]["Perplexity"]
+            variant["perplexity"] - metrics["merged"]["perplexity"]
         )
         folder = Path(layout.output_uri) / "test/eval/r1" / f"quantized/{scheme}"
         assert any(f.path == f"quantized/{scheme}/config.json" for f in manifest.files)

@@ -230,6 +230,38 @@ def test_every_scheme_is_available_on_this_machines_cpu() -> None:
         assert unavailable_reason(scheme, "cpu") is None
 
 
+def test_fp8_is_unavailable_without_torch_fp8(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.delattr(torch, "float8_e4m3fn")
+    assert "no float8_e4m3fn" in (unavailable_reason(QuantScheme.FP8, "cpu") or "")
+    assert unavailable_reason(QuantScheme.W8A8, "cpu") is None
+
+
+def test_an_unavailable_scheme_raises_for_the_report_and_writes_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from kubetune.trainer import quantize
+
+    monkeypatch.setattr(quantize, "unavailable_reason", lambda scheme, device: "no fp8 here")
+    with pytest.raises(quantize.SchemeUnavailable) as info:
+        quantize.quantize(
+            tmp_path / "merged",
+            QuantScheme.FP8,
+            [],
+            tmp_path / "merged",
+            tmp_path / "FP8",
+            calibration_samples=1,
+            group_size=None,
+            max_seq_length=8,
+            log=print,
+        )
+    assert info.value.scheme == QuantScheme.FP8
+    assert info.value.why == "no fp8 here"
+    assert str(info.value) == "FP8 not produced: no fp8 here"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_variant_summary_is_json_ready(tmp_path: Path) -> None:
     variant = QuantizedVariant(
         scheme=QuantScheme.W4A16,

@@ -21,6 +21,7 @@ from kubetune.report import render_unpublished
 from kubetune.storage import ObjectInfo, RunLayout, Store
 from kubetune.trainer.eval_stage import BASE_SCORES, EvalInputs, ModelScores, lm_eval_skipped
 from kubetune.trainer.evaluate import GateOutcome, normalize_answer
+from kubetune.trainer.export_stage import ExportResult
 
 if TYPE_CHECKING:
     from kubetune.trainer.scoring.judge import JudgeResult
@@ -37,7 +38,7 @@ class EvalRecord:
     tuned: ModelScores
     gate: list[GateOutcome]
     judged: JudgeResult | None
-    quantized: dict[str, dict[str, Any]]
+    exported: ExportResult
     lineage: dict[str, Any]
     evaluation: EvaluationSpec
 
@@ -73,8 +74,10 @@ def metrics_document(record: EvalRecord) -> dict[str, Any]:
             name: {side: _suite_summary(r) for side, r in sides.items() if r}
             for name, sides in suites.items()
         }
-    if record.quantized:
-        document["quantized"] = record.quantized
+    if record.exported.quantized:
+        document["quantized"] = record.exported.quantized
+    if record.exported.merged:
+        document["merged"] = record.exported.merged
     skipped = {f"LMEval/{task}": why for task, why in lm_eval_skipped(record.evaluation).items()}
     if skipped:
         document["skipped"] = skipped

@@ -27,18 +27,6 @@ class ExportError(Exception):
         self.reason = reason
 
 
-def check_export_available(spec: FineTuneJobSpec) -> None:
-    """Refuse, before any work, exports this version cannot produce."""
-    export = spec.export or ExportSpec()
-    if export.quantize:
-        schemes = ", ".join(q.value for q in export.quantize)
-        raise ExportError(
-            Reason.INVALID_SPEC,
-            f"export.quantize ({schemes}) is not available in this version of the trainer; "
-            "remove it (the merged weights are vLLM-loadable as they are)",
-        )
-
-
 def save_trained(
     spec: FineTuneJobSpec, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path
 ) -> Path:

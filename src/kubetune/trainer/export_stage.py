@@ -33,6 +33,8 @@ class ExportResult:
 
     folders: list[tuple[Path, str]] = field(default_factory=list)
     quantized: dict[str, dict[str, Any]] = field(default_factory=dict)
+    merged: dict[str, Any] | None = None
+    """Size and perplexity of the unquantized merged model (the variants' reference)."""
 
 
 def wants_merged_weights(spec: FineTuneJobSpec) -> bool:
@@ -51,7 +53,6 @@ def run_export(
     dtype_name: str,
     calibration: list[dict[str, Any]],
     examples: list[dict[str, Any]],
-    reference_perplexity: float | None,
     log: Log,
 ) -> ExportResult:
     """Merge (when asked or needed) and quantize; returns what to publish."""
@@ -70,8 +71,14 @@ def run_export(
         return result
     from kubetune.trainer import quantize
 
-    if reference_perplexity is None:
-        reference_perplexity = _perplexity(merged_dir, tokenizer, examples, training.batch_size)
+    # The reference is the merged model itself, measured like the variants (merging in
+    # bf16 rounds the weights: the adapter-on-base perplexity is not the same number).
+    reference_perplexity = _perplexity(merged_dir, tokenizer, examples, training.batch_size)
+    result.merged = {
+        "sizeBytes": quantize.safetensors_bytes(merged_dir),
+        "perplexity": reference_perplexity,
+    }
+    log(f"Merged model: perplexity {reference_perplexity:.4f} (the quantized variants' reference)")
     for scheme in exported.quantize:
         try:
             variant = quantize.quantize(
@@ -86,7 +93,7 @@ def run_export(
                 log=log,
             )
             measured = quantize.evaluate_variant(
-                variant.folder, examples, tokenizer, training.batch_size
+                variant.folder, examples, tokenizer, training.batch_size, log=log
             )
         except quantize.SchemeUnavailable as exc:
             log(f"{scheme.value} not produced: {exc.why}")

@@ -201,7 +201,6 @@ def run_pipeline(
             train_path, (spec.export or ExportSpec()).calibration_samples
         ),
         examples=inputs.examples,
-        reference_perplexity=tuned.metrics.get("Perplexity"),
         log=log,
     )
     for folder, prefix in exported.folders:
@@ -214,13 +213,14 @@ def run_pipeline(
     }
     if exported.quantized:
         summary["quantized"] = exported.quantized
+        summary["merged"] = exported.merged
     lineage = _lineage(spec, resolved, layout, data.report, steps, gate_passed)
     now = datetime.now(timezone.utc)
     files += publish_eval(
         store,
         layout,
         work_dir,
-        EvalRecord(inputs, base, tuned, gate, judged, exported.quantized, lineage, evaluation),
+        EvalRecord(inputs, base, tuned, gate, judged, exported, lineage, evaluation),
         {
             "logs/train.jsonl": train_log,
             layout.DATA_TRAIN: train_path,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import os
 import shutil
@@ -237,6 +238,11 @@ def _library_output(log: Log) -> Iterator[None]:
         report(message.record["level"].name.lower(), str(message.record["message"]))
 
     handler = logger.add(sink, level="WARNING", filter=keep, format="{message}")
+    # llm-compressor traces each decoder layer with torch.fx, which warns about an API of
+    # its own that kubetune does not use.
+    fx_log = logging.getLogger("torch.fx._symbolic_trace")
+    fx_level = fx_log.level
+    fx_log.setLevel(logging.ERROR)
     caught: list[warnings.WarningMessage] = []
     try:
         with (
@@ -247,6 +253,7 @@ def _library_output(log: Log) -> Iterator[None]:
             yield
     finally:
         logger.remove(handler)
+        fx_log.setLevel(fx_level)
         for warning in caught:
             report("warning", str(warning.message))
 
@@ -349,11 +356,15 @@ def quantize(
     modifiers = build_modifiers(recipe)
     from llmcompressor.entrypoints.oneshot import oneshot
 
-    with _library_output(log):
-        oneshot(model=model, tokenizer=tokenizer, recipe=modifiers, **dataset_args)
-        model.save_pretrained(str(partial), save_compressed=True)
-    tokenizer.save_pretrained(str(partial))
-    fmt = check_checkpoint(partial, recipe)
+    try:
+        with _library_output(log):
+            oneshot(model=model, tokenizer=tokenizer, recipe=modifiers, **dataset_args)
+            model.save_pretrained(str(partial), save_compressed=True)
+        tokenizer.save_pretrained(str(partial))
+        fmt = check_checkpoint(partial, recipe)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.rename(out_dir)
     variant = QuantizedVariant(

@@ -297,5 +297,5 @@ class ExportSpec(ApiModel):
     """Training examples used to calibrate W4A16 and W8A8."""
 
     group_size: Annotated[StrictInt, Field(ge=8, le=1024)] | None = None
-    """W4A16 group size (default: 128, or the largest power of two dividing the model's
-    dimensions)."""
+    """W4A16 group size (default: the largest of 128, 64 and 32 dividing every quantized
+    layer's input dimension)."""

@@ -144,6 +144,25 @@ def test_a_requantized_variant_replaces_the_previous_one(
     assert (out / "model.safetensors").is_file()
 
 
+def test_a_failed_quantization_keeps_the_previous_variant_and_no_partial_folder(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubetune.trainer import quantize as module
+
+    out = tmp_path / "FP8"
+    run(tiny_model_dir, QuantScheme.FP8, out, [])
+    before = digest(out)
+
+    def broken(folder: Path, recipe: object) -> str:
+        raise ExportError(module.Reason.INTERNAL_ERROR, "not what vLLM expects")
+
+    monkeypatch.setattr(module, "check_checkpoint", broken)
+    with pytest.raises(ExportError, match="not what vLLM expects"):
+        run(tiny_model_dir, QuantScheme.FP8, out, [])
+    assert digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FP8"]
+
+
 @pytest.mark.slow
 def test_smollm2_w4a16_with_eight_calibration_examples(
     builtin_model_dir: Path, tmp_path: Path
