@@ -41,12 +41,23 @@ def _failure(reason: Reason, message: str) -> TrainerResult:
     return TrainerResult(reason=reason, message=message[:1024])
 
 
+def _quiet_library_progress() -> None:
+    """No per-file progress bars from transformers (loading and writing shards flood the
+    log); model downloads from the Hub keep theirs."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    enable_progress_bars()
+
+
 def execute(config: TrainerConfig, work_dir: Path, log: Log, metrics_port: int) -> TrainerResult:
     """Run the pipeline; every known failure becomes a result with its reason."""
     import torch
 
     from kubetune.trainer.pipeline import run_pipeline
 
+    _quiet_library_progress()
     try:
         return run_pipeline(config, work_dir=work_dir, log=log, metrics_port=metrics_port)
     except torch.OutOfMemoryError as exc:
