@@ -1,5 +1,6 @@
-"""A run publishes to S3 over real HTTP (moto on 127.0.0.1): data, adapter, evaluation and
-a manifest that verifies against the bucket's objects."""
+"""A run publishes to S3 over real HTTP (moto on 127.0.0.1): data, adapter, merged and
+quantized weights, evaluation files, the report and a manifest that verifies against the
+bucket's objects; `kubetune report` reads it back from the bucket."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.api.contract import Reason, TrainerConfig
+from kubetune.cli import main
 from kubetune.storage import RunLayout, open_store
 from kubetune.storage.manifest import verify_run
 from kubetune.trainer.pipeline import run_pipeline
@@ -23,7 +25,13 @@ def bucket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
         yield "s3://artifacts/kubetune"
 
 
-def test_run_publishes_to_s3(bucket: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_run_publishes_to_s3(
+    bucket: str,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     config = TrainerConfig.model_validate(
         {
             "run": {
@@ -46,7 +54,7 @@ def test_run_publishes_to_s3(bucket: str, tmp_path: Path, tiny_model_dir: Path) 
                     "checkpoint": {"everySteps": 1},
                 },
                 "evaluation": {"metrics": ["Perplexity"], "maxSamples": 4},
-                "export": {"merge": True},
+                "export": {"merge": True, "quantize": ["FP8"]},
             },
         }
     )
@@ -61,7 +69,20 @@ def test_run_publishes_to_s3(bucket: str, tmp_path: Path, tiny_model_dir: Path) 
     assert {
         "adapter/adapter_model.safetensors",
         "merged/model.safetensors",
+        "quantized/FP8/config.json",
         "data/train.jsonl",
+        "eval/metrics.json",
+        "eval/report.html",
     } <= paths
     # Checkpoints were committed to the bucket too (and are not part of the manifest).
     assert store.exists(layout.key(layout.checkpoint(2) + "COMMITTED"))
+
+    # The report of a run in S3: read back over HTTP, written locally, the bucket untouched.
+    before = {o.key: o.size for o in store.list(layout.prefix)}
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", result.run_uri or ""]) == 0
+    out = capsys.readouterr().out
+    assert "quantized/FP8" in out
+    assert "published with the run" in out
+    assert (tmp_path / "report-abc123.html").read_text().startswith("<!DOCTYPE html>")
+    assert {o.key: o.size for o in store.list(layout.prefix)} == before
