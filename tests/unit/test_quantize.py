@@ -282,3 +282,15 @@ def test_variant_summary_is_json_ready(tmp_path: Path) -> None:
         "groupSize": 64,
         "calibrationSamples": 8,
     }
+
+
+def test_merge_drift_warns_only_beyond_tolerance() -> None:
+    from kubetune.trainer.export_stage import merge_drift
+
+    assert merge_drift(1.0503, 1.0503) is None
+    assert merge_drift(1.06, 1.05) is None  # within 2 %
+    assert merge_drift(5.0, None) is None  # nothing to compare with
+    warning = merge_drift(25633.4, 17245.8)
+    assert warning is not None
+    assert "+48.6 %" in warning
+    assert "adapter/ is exact" in warning

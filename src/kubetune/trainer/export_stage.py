@@ -53,6 +53,7 @@ def run_export(
     dtype_name: str,
     calibration: list[dict[str, Any]],
     examples: list[dict[str, Any]],
+    adapter_perplexity: float | None,
     log: Log,
 ) -> ExportResult:
     """Merge (when asked or needed) and quantize; returns what to publish."""
@@ -79,6 +80,10 @@ def run_export(
         "perplexity": reference_perplexity,
     }
     log(f"Merged model: perplexity {reference_perplexity:.4f} (the quantized variants' reference)")
+    drift = merge_drift(reference_perplexity, adapter_perplexity)
+    if drift is not None:
+        result.merged["adapterPerplexity"] = adapter_perplexity
+        log(drift)
     for scheme in exported.quantize:
         try:
             variant = quantize.quantize(
@@ -105,6 +110,24 @@ def run_export(
         log(f"{scheme.value}: {_describe(result.quantized[scheme.value])}")
         result.folders.append((variant.folder, f"{RunLayout.QUANTIZED}{scheme.value}/"))
     return result
+
+
+MERGE_TOLERANCE = 0.02
+"""Relative perplexity difference between the merged model and base + adapter above which
+the run warns."""
+
+
+def merge_drift(merged: float, adapter: float | None) -> str | None:
+    """A warning when the merged model does not score what base + adapter scored."""
+    if adapter is None or abs(merged - adapter) <= MERGE_TOLERANCE * adapter:
+        return None
+    return (
+        f"Warning: the merged model's perplexity ({merged:.4f}) differs from base + adapter's "
+        f"({adapter:.4f}) by {100 * (merged - adapter) / adapter:+.1f} %: storing the merged "
+        "weights in bf16 rounds away part of the adapter's updates (typical after very few "
+        "steps or a low learning rate). adapter/ is exact: serve it as a LoRA adapter, or "
+        "train longer before merging"
+    )
 
 
 def _variant_summary(

@@ -201,6 +201,7 @@ def run_pipeline(
             train_path, (spec.export or ExportSpec()).calibration_samples
         ),
         examples=inputs.examples,
+        adapter_perplexity=tuned.metrics.get("Perplexity"),
         log=log,
     )
     for folder, prefix in exported.folders:

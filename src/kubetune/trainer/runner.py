@@ -44,7 +44,7 @@ def _failure(reason: Reason, message: str) -> TrainerResult:
 def _quiet_library_progress() -> None:
     """No per-file progress bars from transformers (loading and writing shards flood the
     log); model downloads from the Hub keep theirs."""
-    from huggingface_hub.utils import enable_progress_bars
+    from huggingface_hub.utils import enable_progress_bars  # type: ignore[attr-defined]
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
