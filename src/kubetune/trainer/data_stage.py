@@ -116,3 +116,49 @@ def run_eval_data_stage(
         f"{counts['rows']} rows of evaluation.evalDataset"
     )
     return True
+
+
+def run_stage_data_stage(
+    spec: FineTuneJobSpec,
+    index: int,
+    name: str,
+    layout: RunLayout,
+    store: Store,
+    *,
+    tokenizer_dir: Path,
+    max_seq_length: int,
+    work_dir: Path,
+    log: Callable[[str], None] = print,
+) -> tuple[str, str, dict[str, Any]]:
+    """Prepare `spec.stages[index].dataset` once per run under data/<name>/ (report last);
+    returns the run-relative train and validation paths and the report."""
+    stage = spec.stages[index]
+    assert stage.dataset is not None
+    folder = f"data/{name}/"
+    train, validation, report_key = (
+        folder + "train.jsonl",
+        folder + "val.jsonl",
+        folder + "report.json",
+    )
+    if store.exists(layout.key(report_key)):
+        return train, validation, json.loads(store.get_bytes(layout.key(report_key)))
+    prepared = prepare_dataset(
+        stage.dataset,
+        tokenizer_dir=tokenizer_dir,
+        max_seq_length=max_seq_length,
+        out_dir=work_dir / f"data-{name}",
+        work_dir=work_dir / f"data-{name}-work",
+        log=log,
+    )
+    for local, key in (
+        (prepared.train, train),
+        (prepared.validation, validation),
+        (prepared.report, report_key),
+    ):
+        store.put_file(local, layout.key(key))
+    counts = prepared.summary["counts"]
+    log(
+        f"Prepared {counts['train']} training and {counts['validation']} validation examples "
+        f"for stage {name} (spec.stages[{index}].dataset)"
+    )
+    return train, validation, prepared.summary

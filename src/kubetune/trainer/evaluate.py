@@ -42,11 +42,15 @@ class EvaluationError(Exception):
 
 
 def load_examples(path: Path, limit: int) -> list[dict[str, Any]]:
-    """The first `limit` conversation or text examples of a prepared file."""
+    """The first `limit` examples of a prepared file, as conversations or text; a
+    preference pair counts as its prompt followed by the chosen answer."""
     examples = []
     with path.open(encoding="utf-8") as handle:
         for line in handle:
             example = json.loads(line)
+            if "chosen" in example:
+                messages = example["prompt"] + example["chosen"]
+                example = {"id": example.get("id"), "messages": messages}
             if "messages" in example or "text" in example:
                 examples.append(example)
             if len(examples) >= limit:

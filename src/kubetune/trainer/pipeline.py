@@ -17,21 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.contract import Reason, TrainerConfig, TrainerResult
-from kubetune.api.v1alpha1.alignment import StageType
 from kubetune.api.v1alpha1.evaluation import EvaluationSpec, ExportSpec
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.api.v1alpha1.training import TrainingSpec
 from kubetune.storage import ObjectInfo, RunLayout, Store, open_store, spec_hash
 from kubetune.storage.manifest import read_manifest, write_manifest
-from kubetune.trainer import eval_stage, evaluate, export, export_stage, models
-from kubetune.trainer.data_stage import EVAL_DATA, run_data_stage, run_eval_data_stage
+from kubetune.trainer import eval_stage, evaluate, export, export_stage, models, stages
+from kubetune.trainer.data_stage import (
+    EVAL_DATA,
+    run_data_stage,
+    run_eval_data_stage,
+    run_stage_data_stage,
+)
 from kubetune.trainer.eval_publish import EvalRecord, publish_eval
 from kubetune.trainer.progress import Metrics
 from kubetune.trainer.resolve import ResolvedModel, resolve_model
-from kubetune.trainer.sft import train_sft
+from kubetune.trainer.stages import StageData
 
 Log = Callable[[str], None]
-SUPPORTED_STAGES = (StageType.SFT,)
 
 
 class PipelineError(Exception):
@@ -44,13 +47,7 @@ class PipelineError(Exception):
 
 def check_supported(spec: FineTuneJobSpec) -> None:
     """Refuse, before any work, what this version of the trainer cannot do."""
-    unsupported = [s.type.value for s in spec.stages if s.type not in SUPPORTED_STAGES]
-    if unsupported:
-        raise PipelineError(
-            Reason.INVALID_SPEC,
-            f"stage(s) {', '.join(unsupported)} are not available in this version of the "
-            "trainer (available: SFT)",
-        )
+    stages.check_stages(spec)
 
 
 def _layout(config: TrainerConfig) -> RunLayout:
@@ -129,6 +126,7 @@ def run_pipeline(
     )
     train_path = _local_copy(store, layout, layout.DATA_TRAIN, work_dir / "run")
     val_path = _local_copy(store, layout, layout.DATA_VAL, work_dir / "run")
+    stage_data = _stage_data(spec, layout, store, resolved.path, data.report, work_dir, log)
     eval_path = _local_copy(store, layout, EVAL_DATA, work_dir / "run") if has_eval_set else None
     evaluation = spec.evaluation or EvaluationSpec()
     inputs = eval_stage.prepare_inputs(evaluation, val_path, eval_path, work_dir, log)
@@ -152,12 +150,11 @@ def run_pipeline(
     log(f"Training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f} %)")
     gauges = Metrics(metrics_port) if metrics_port else None
     try:
-        stage = train_sft(
+        stage = stages.run_stages(
             spec,
             model,
             tokenizer,
-            train_path=train_path,
-            validation_path=val_path,
+            stage_data,
             store=store,
             layout=layout,
             work_dir=work_dir,
@@ -165,6 +162,7 @@ def run_pipeline(
             cuda=cuda,
             checkpointing_on=checkpointing,
             metrics=gauges,
+            max_validation=evaluation.max_samples,
             log=log,
         )
     finally:
@@ -181,12 +179,9 @@ def run_pipeline(
     for outcome in gate:
         log(f"Gate: {outcome.describe()}")
     gate_passed = all(o.passed for o in gate) if gate else None
-    steps, resumed_from, training_metrics, train_log = (
-        stage.steps,
-        stage.resumed_from_step,
-        stage.metrics,
-        stage.log,
-    )
+    steps, resumed_from, stage_records = stage.steps, stage.resumed_from_step, stage.stages
+    training_metrics = stage_records[-1]["metrics"] if stage_records else {}
+    train_log = stage.log or work_dir / "logs" / "train.jsonl"
     del model, stage  # the export stage loads what it needs; free the training copy
     _free_accelerator_memory()
 
@@ -211,6 +206,7 @@ def run_pipeline(
         "tuned": tuned.metrics,
         "delta": _delta(base.metrics, tuned.metrics),
         "training": training_metrics,
+        "stages": stage_records,
     }
     if exported.quantized:
         summary["quantized"] = exported.quantized
@@ -252,6 +248,46 @@ def run_pipeline(
         step=steps,
         resumed_from_step=resumed_from,
     )
+
+
+def _stage_data(
+    spec: FineTuneJobSpec,
+    layout: RunLayout,
+    store: Store,
+    tokenizer_dir: Path,
+    main_report: dict[str, Any],
+    work_dir: Path,
+    log: Log,
+) -> list[StageData]:
+    """Each stage's data: its own dataset (prepared under data/<i>-<type>/) or spec.dataset;
+    refused before training when its kind does not fit the stage."""
+    out = []
+    max_seq_length = (spec.training or TrainingSpec()).max_seq_length
+    for index, stage in enumerate(spec.stages):
+        train_key, val_key, report = layout.DATA_TRAIN, layout.DATA_VAL, main_report
+        if stage.dataset is not None:
+            name = stages.stage_name(index, stage)
+            train_key, val_key, report = run_stage_data_stage(
+                spec,
+                index,
+                name,
+                layout,
+                store,
+                tokenizer_dir=tokenizer_dir,
+                max_seq_length=max_seq_length,
+                work_dir=work_dir,
+                log=log,
+            )
+        family = str(report.get("family", ""))
+        stages.check_family(index, stage, family, layout.uri_for(train_key))
+        out.append(
+            StageData(
+                _local_copy(store, layout, train_key, work_dir / "run"),
+                _local_copy(store, layout, val_key, work_dir / "run"),
+                family,
+            )
+        )
+    return out
 
 
 def _delta(base: dict[str, float], tuned: dict[str, float]) -> dict[str, float]:

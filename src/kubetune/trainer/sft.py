@@ -119,6 +119,60 @@ def tracking_integrations(spec: FineTuneJobSpec, tensorboard_dir: Path) -> list[
     return [name for name, _, _ in wanted]
 
 
+def trainer_arguments(
+    spec: FineTuneJobSpec,
+    training: TrainingSpec,
+    output_dir: Path,
+    precisions: Precisions,
+    *,
+    cuda: bool,
+    checkpointing: bool,
+    has_validation: bool,
+) -> dict[str, Any]:
+    """The Trainer arguments every stage shares (schedule, batch, precision, checkpoints,
+    logging, tracking), from `training` (spec.training with the stage's overrides)."""
+    checkpoint = training.checkpoint or CheckpointSpec()
+    warmup: float | int = 0.03
+    if training.warmup_steps is not None:
+        warmup = training.warmup_steps
+    elif training.warmup_ratio is not None:
+        warmup = parse_decimal(training.warmup_ratio)
+    eval_strategy = "no"
+    if has_validation:
+        eval_strategy = "steps" if training.eval_every_steps else "epoch"
+    return {
+        "output_dir": str(output_dir),
+        "num_train_epochs": training.epochs or 1,
+        "max_steps": training.max_steps or -1,
+        "learning_rate": parse_decimal(training.learning_rate),
+        "lr_scheduler_type": _SCHEDULES[training.schedule],
+        "warmup_steps": warmup,
+        "weight_decay": parse_decimal(training.weight_decay),
+        "max_grad_norm": parse_decimal(training.max_grad_norm),
+        "per_device_train_batch_size": training.batch_size,
+        "per_device_eval_batch_size": training.batch_size,
+        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "bf16": precisions.bf16,
+        "fp16": precisions.fp16,
+        "gradient_checkpointing": checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
+        "optim": optimizer_name(spec, cuda),
+        "seed": training.seed,
+        "data_seed": training.seed,
+        "logging_steps": training.log_every_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps",
+        "save_steps": checkpoint.every_steps,
+        "save_total_limit": 1,
+        "eval_strategy": eval_strategy,
+        "eval_steps": training.eval_every_steps,
+        "report_to": tracking_integrations(spec, output_dir.parent / "tensorboard"),
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "use_cpu": not cuda,
+    }
+
+
 def sft_config(
     spec: FineTuneJobSpec,
     output_dir: Path,
@@ -127,56 +181,28 @@ def sft_config(
     cuda: bool,
     checkpointing: bool,
     has_validation: bool,
+    training: TrainingSpec | None = None,
 ) -> Any:
-    """TRL's SFTConfig for this spec."""
+    """TRL's SFTConfig for this spec (`training`: the stage's effective settings)."""
     from trl import SFTConfig  # type: ignore[attr-defined]
 
-    training = spec.training or TrainingSpec()
-    checkpoint = training.checkpoint or CheckpointSpec()
-    warmup: float | int = 0.03
-    if training.warmup_steps is not None:
-        warmup = training.warmup_steps
-    elif training.warmup_ratio is not None:
-        warmup = parse_decimal(training.warmup_ratio)
+    training = training or spec.training or TrainingSpec()
     packed = packing_enabled(spec)
-    eval_strategy = "no"
-    if has_validation:
-        eval_strategy = "steps" if training.eval_every_steps else "epoch"
-    report_to = tracking_integrations(spec, output_dir.parent / "tensorboard")
+    common = trainer_arguments(
+        spec,
+        training,
+        output_dir,
+        precisions,
+        cuda=cuda,
+        checkpointing=checkpointing,
+        has_validation=has_validation,
+    )
     return SFTConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=training.epochs or 1,
-        max_steps=training.max_steps or -1,
-        learning_rate=parse_decimal(training.learning_rate),
-        lr_scheduler_type=_SCHEDULES[training.schedule],
-        warmup_steps=warmup,
-        weight_decay=parse_decimal(training.weight_decay),
-        max_grad_norm=parse_decimal(training.max_grad_norm),
-        per_device_train_batch_size=training.batch_size,
-        per_device_eval_batch_size=training.batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        **common,
         max_length=training.max_seq_length,
         packing=packed,
         padding_free=packed,
-        bf16=precisions.bf16,
-        fp16=precisions.fp16,
-        gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
-        optim=optimizer_name(spec, cuda),
-        seed=training.seed,
-        data_seed=training.seed,
-        logging_steps=training.log_every_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=checkpoint.every_steps,
-        save_total_limit=1,
-        eval_strategy=eval_strategy,
-        eval_steps=training.eval_every_steps,
-        report_to=report_to,
         include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        use_cpu=not cuda,
     )
 
 
@@ -196,7 +222,7 @@ def _callbacks(
         def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             checkpointing.upload_checkpoint(store, layout, folder, state.global_step, keep)
-            faults.reach("checkpoint-committed", state.global_step)
+            faults.reach("checkpoint-committed", state.global_step, progress.stage)
             where = layout.uri_for(layout.checkpoint(state.global_step))
             log(f"Checkpoint at step {state.global_step}: {where}")
 
@@ -211,7 +237,7 @@ def _callbacks(
             log(progress.line(record))
 
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-            faults.reach("step-end", state.global_step)
+            faults.reach("step-end", state.global_step, progress.stage)
             if stop["requested"]:
                 control.should_save = True
                 control.should_training_stop = True
@@ -234,11 +260,13 @@ def train_sft(
     checkpointing_on: bool,
     metrics: Metrics | None,
     log: Callable[[str], None],
+    training: TrainingSpec | None = None,
 ) -> StageResult:
-    """Run (or resume) the SFT stage."""
+    """Run (or resume) the SFT stage (`training`: spec.training with the stage's
+    overrides)."""
     from trl import SFTTrainer  # type: ignore[attr-defined]
 
-    training = spec.training or TrainingSpec()
+    training = training or spec.training or TrainingSpec()
     keep = (training.checkpoint or CheckpointSpec()).keep
     output_dir = work_dir / "sft"
     train = _dataset(tokenizer, train_path, work_dir / "hf-datasets")
@@ -257,9 +285,8 @@ def train_sft(
         cuda=cuda,
         checkpointing=checkpointing_on,
         has_validation=has_validation,
+        training=training,
     )
-    progress = StageProgress("SFT", 0, work_dir / "logs" / "train.jsonl", metrics)
-    stop = {"requested": False}
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -268,8 +295,38 @@ def train_sft(
         processing_class=tokenizer,
         callbacks=None,
     )
+    return run_trainer(
+        trainer,
+        "SFT",
+        store=store,
+        layout=layout,
+        keep=keep,
+        work_dir=work_dir,
+        cuda=cuda,
+        metrics=metrics,
+        log=log,
+    )
+
+
+def run_trainer(
+    trainer: Any,
+    stage: str,
+    *,
+    store: Store,
+    layout: RunLayout,
+    keep: int,
+    work_dir: Path,
+    cuda: bool,
+    metrics: Metrics | None,
+    log: Callable[[str], None],
+) -> StageResult:
+    """Train a stage with a TRL/transformers Trainer: our progress display and log lines,
+    checkpoints committed to the store (under `layout.checkpoints_dir`), resume from the
+    latest complete one, and a best-effort checkpoint on SIGTERM."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    progress = StageProgress(stage, 0, work_dir / "logs" / "train.jsonl", metrics)
+    stop = {"requested": False}
     # Replace the default progress display (a tqdm bar, or raw log dicts on stdout when
     # tqdm is disabled) by ours: the rich bar on a terminal and the log lines.
     trainer.remove_callback(ProgressCallback)
@@ -277,9 +334,11 @@ def train_sft(
     for callback in _callbacks(store, layout, keep, progress, stop, log):
         trainer.add_callback(callback)
     progress.total_steps = trainer.state.max_steps or _planned_steps(trainer)
-    resume = checkpointing.download_latest(store, layout, work_dir / "resume")
+    resume = checkpointing.download_latest(
+        store, layout, work_dir / f"resume-{layout.checkpoints_dir.strip('/').replace('/', '-')}"
+    )
     if resume is not None:
-        log(f"Resuming SFT from the checkpoint at step {resume[0]}")
+        log(f"Resuming {stage} from the checkpoint at step {resume[0]}")
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     try:
         output = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
@@ -287,7 +346,7 @@ def train_sft(
         signal.signal(signal.SIGTERM, previous)
     if stop["requested"]:
         raise Preempted(
-            f"stopped by SIGTERM at step {trainer.state.global_step} (checkpoint saved)"
+            f"stopped by SIGTERM in {stage} at step {trainer.state.global_step} (checkpoint saved)"
         )
     result_metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, int | float)}
     if cuda:
@@ -301,9 +360,11 @@ def train_sft(
         )
     evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     if evaluations:
-        result_metrics["eval_loss"] = float(evaluations[-1]["eval_loss"])
+        result_metrics.update(
+            {k: float(v) for k, v in evaluations[-1].items() if k.startswith("eval_")}
+        )
     return StageResult(
-        model=trainer.model,  # type: ignore[arg-type]
+        model=trainer.model,
         steps=trainer.state.global_step,
         resumed_from_step=resume[0] if resume else None,
         metrics=result_metrics,

@@ -3,6 +3,11 @@
 `builtin://quickstart`: rewrite a date written in everyday English as ISO 8601
 (`YYYY-MM-DD`). SmolLM2-135M-Instruct answers in sentences and often gets the digits
 wrong; a few minutes of LoRA make it answer exactly, which exact match and ROUGE show.
+
+`builtin://quickstart-preference`: the same task as preference pairs for DPO and reward
+models: the chosen answer is the ISO date, the rejected one a typical mistake (a sentence,
+day and month swapped, another format, a wrong year). Its dates are drawn with another
+seed, so the pairs are not the quickstart's training rows.
 """
 
 from __future__ import annotations
@@ -61,8 +66,42 @@ def quickstart_rows(
         }
 
 
+PREFERENCE_ROWS = 1000
+PREFERENCE_SEED = 20261130
+
+
+def _rejected(date: dt.date, spelled: str, rng: random.Random) -> str:
+    """A plausible wrong answer: what a model that has not learned the task says."""
+    mistakes = [
+        f"The date {spelled} in ISO 8601 format is {date.year}.",
+        f"{date.year}-{date.day:02d}-{date.month:02d}",
+        f"{date.month:02d}/{date.day:02d}/{date.year}",
+        f"{date.year + rng.choice((-1, 1))}-{date.month:02d}-{date.day:02d}",
+        f"Sure! {spelled} is written as {date.isoformat()} in ISO 8601.",
+    ]
+    return rng.choice(mistakes if date.day > 12 else [m for i, m in enumerate(mistakes) if i != 1])
+
+
+def quickstart_preference_rows(
+    count: int = PREFERENCE_ROWS, seed: int = PREFERENCE_SEED
+) -> Iterator[dict[str, str]]:
+    """Preference rows {prompt, chosen, rejected}; the same seed gives the same rows."""
+    rng = random.Random(seed)
+    start = dt.date(1950, 1, 1).toordinal()
+    end = dt.date(2049, 12, 31).toordinal()
+    for _ in range(count):
+        date = dt.date.fromordinal(rng.randint(start, end))
+        spelled = rng.choice(_spellings(date))
+        yield {
+            "prompt": f"{rng.choice(_INSTRUCTIONS)}\n\n{spelled}",
+            "chosen": date.isoformat(),
+            "rejected": _rejected(date, spelled, rng),
+        }
+
+
 BUILTIN_DATASETS: dict[str, Callable[[], Iterator[dict[str, str]]]] = {
     "quickstart": quickstart_rows,
+    "quickstart-preference": quickstart_preference_rows,
 }
 
 

@@ -1,0 +1,155 @@
+"""Direct preference optimization through TRL's DPOTrainer (the only module that builds
+TRL configs for DPO).
+
+The reference model is never a second copy of the weights. With LoRA or QLoRA the policy
+is a PEFT model: TRL adds a frozen copy of the adapter as the reference ("ref"), so after
+an SFT stage the reference is the SFT policy, and as a first stage (a fresh adapter, B = 0)
+it is the base model. The reference adapter is removed when the stage ends. Checkpoints,
+resume, progress and SIGTERM work as for SFT (`sft.run_trainer`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kubetune.api.base import parse_decimal
+from kubetune.api.contract import Reason
+from kubetune.api.v1alpha1.alignment import DPOLossType, DPOSpec
+from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
+from kubetune.api.v1alpha1.training import CheckpointSpec, TrainingSpec
+from kubetune.storage import RunLayout, Store
+from kubetune.trainer.models import Precisions, TrainingSetupError
+from kubetune.trainer.progress import Metrics
+from kubetune.trainer.sft import StageResult, run_trainer, trainer_arguments
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+LOSS_TYPES = {
+    DPOLossType.SIGMOID: "sigmoid",
+    DPOLossType.IPO: "ipo",
+    DPOLossType.HINGE: "hinge",
+    DPOLossType.ROBUST: "robust",
+    DPOLossType.EXO_PAIR: "exo_pair",
+    DPOLossType.NCA_PAIR: "nca_pair",
+    DPOLossType.BCO_PAIR: "bco_pair",
+    DPOLossType.SPPO_HARD: "sppo_hard",
+    # TRL 1.x: "aot" is the paired variant, "aot_unpaired" the unpaired one.
+    DPOLossType.AOT: "aot_unpaired",
+    DPOLossType.AOT_PAIR: "aot",
+    DPOLossType.APO_ZERO: "apo_zero",
+    DPOLossType.APO_DOWN: "apo_down",
+    DPOLossType.DISCOPOP: "discopop",
+}
+"""alignment.dpo.lossType → TRL's loss_type."""
+
+REFERENCE_ADAPTER = "ref"
+
+
+def preference_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """Preference examples of a prepared file, in TRL's conversational form."""
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            row = json.loads(line)
+            if "chosen" not in row:
+                raise TrainingSetupError(
+                    Reason.DATASET_INVALID,
+                    f"{path}:{number}: the DPO stage needs preference pairs (prompt, chosen, "
+                    "rejected); set the stage's dataset (stages[].dataset) to preference data "
+                    "with format Preference",
+                )
+            yield {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+
+
+def dpo_config(
+    spec: FineTuneJobSpec,
+    training: TrainingSpec,
+    output_dir: Path,
+    precisions: Precisions,
+    *,
+    cuda: bool,
+    checkpointing: bool,
+    has_validation: bool,
+) -> Any:
+    """TRL's DPOConfig: the shared Trainer arguments plus alignment.dpo."""
+    from trl import DPOConfig  # type: ignore[attr-defined]
+
+    settings = (spec.alignment.dpo if spec.alignment else None) or DPOSpec()
+    common = trainer_arguments(
+        spec,
+        training,
+        output_dir,
+        precisions,
+        cuda=cuda,
+        checkpointing=checkpointing,
+        has_validation=has_validation,
+    )
+    return DPOConfig(
+        **common,
+        beta=parse_decimal(settings.beta),
+        loss_type=[LOSS_TYPES[settings.loss_type]],
+        label_smoothing=parse_decimal(settings.label_smoothing),
+        precompute_ref_log_probs=settings.precompute_reference_log_probs,
+        max_length=training.max_seq_length,
+    )
+
+
+def train_dpo(
+    spec: FineTuneJobSpec,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    training: TrainingSpec,
+    train_path: Path,
+    validation_path: Path,
+    store: Store,
+    layout: RunLayout,
+    work_dir: Path,
+    precisions: Precisions,
+    cuda: bool,
+    checkpointing_on: bool,
+    metrics: Metrics | None,
+    log: Callable[[str], None],
+    max_validation: int,
+) -> StageResult:
+    """Run (or resume) a DPO stage on the policy `model` (the previous stage's output)."""
+    from datasets import Dataset
+    from trl import DPOTrainer  # type: ignore[attr-defined]
+
+    train = Dataset.from_list(list(preference_rows(train_path)))
+    pairs = list(preference_rows(validation_path))[:max_validation]
+    validation = Dataset.from_list(pairs) if pairs else None
+    args = dpo_config(
+        spec,
+        training,
+        work_dir / "dpo",
+        precisions,
+        cuda=cuda,
+        checkpointing=checkpointing_on,
+        has_validation=validation is not None,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=validation,
+        processing_class=tokenizer,
+    )
+    result = run_trainer(
+        trainer,
+        "DPO",
+        store=store,
+        layout=layout,
+        keep=(training.checkpoint or CheckpointSpec()).keep,
+        work_dir=work_dir,
+        cuda=cuda,
+        metrics=metrics,
+        log=log,
+    )
+    policy = result.model
+    if REFERENCE_ADAPTER in getattr(policy, "peft_config", {}):
+        policy.delete_adapter(REFERENCE_ADAPTER)
+    return result

@@ -1,0 +1,155 @@
+"""Chained stages on a tiny random model: SFT then DPO in one job, each stage with its own
+data, checkpoints and log; DPO raises the chosen-minus-rejected margin; a job killed in
+its second stage resumes there."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune.api.contract import Reason, TrainerConfig
+from kubetune.storage import RunLayout, open_store
+from kubetune.storage.checkpoints import checkpoint_steps
+from kubetune.storage.manifest import verify_run
+from kubetune.trainer.pipeline import run_pipeline
+
+
+def chain_spec(model: Path, dpo_steps: int = 6, **dpo: Any) -> dict[str, Any]:
+    return {
+        "model": {"uri": str(model)},
+        "dataset": {"uri": "builtin://quickstart", "maxExamples": 48, "validation": {"count": 8}},
+        "method": "LoRA",
+        "lora": {"rank": 8, "alpha": 16},
+        "stages": [
+            {"type": "SFT"},
+            {
+                "type": "DPO",
+                "dataset": {
+                    "uri": "builtin://quickstart-preference",
+                    "maxExamples": 40,
+                    "validation": {"count": 8},
+                },
+                "training": {"maxSteps": dpo_steps, "learningRate": "5e-3"},
+            },
+        ],
+        "alignment": {"dpo": {"beta": "0.1", **dpo}},
+        "training": {
+            "maxSteps": 3,
+            "batchSize": 4,
+            "maxSeqLength": 128,
+            "logEverySteps": 1,
+            "learningRate": "1e-3",
+            "checkpoint": {"everySteps": 2, "keep": 2},
+        },
+        "evaluation": {"metrics": ["Perplexity"], "maxSamples": 4},
+    }
+
+
+def config(output: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "run": {"namespace": "test", "jobName": "chain", "runId": "r1", "outputUri": str(output)},
+        "spec": spec,
+    }
+
+
+def records(path: Path, stage: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in lines if r["stage"] == stage]
+
+
+def test_sft_then_dpo_raises_the_preference_margin(tmp_path: Path, tiny_model_dir: Path) -> None:
+    output = tmp_path / "out"
+    cfg = TrainerConfig.model_validate(config(output, chain_spec(tiny_model_dir)))
+    logs: list[str] = []
+    result = run_pipeline(cfg, work_dir=tmp_path / "work", log=logs.append)
+    assert result.reason == Reason.SUCCEEDED, result.message
+    layout = RunLayout(str(output), "test", "chain", "r1")
+    store = open_store(str(output))
+    manifest = verify_run(store, layout)
+    paths = {f.path for f in manifest.files}
+    assert {"data/1-dpo/train.jsonl", "data/1-dpo/report.json", "logs/train.jsonl"} <= paths
+    # The adapter is the policy alone: TRL's frozen reference copy is not published.
+    assert "adapter/ref/adapter_config.json" not in paths
+    assert manifest.lineage["stages"] == ["SFT", "DPO"]
+    stages = manifest.metrics["stages"]
+    assert [s["name"] for s in stages] == ["0-sft", "1-dpo"]
+    assert stages[1]["steps"] == 6
+    # Each stage has its own checkpoints, and a completion record.
+    assert sorted(checkpoint_steps(store, layout)) == [2, 3]
+    assert sorted(checkpoint_steps(store, layout.for_stage(1, "DPO"))) == [4, 6]
+    assert store.exists(layout.key("checkpoints/1-dpo/COMPLETE.json"))
+
+    log = output / "test" / "chain" / "r1" / "logs" / "train.jsonl"
+    dpo = [r for r in records(log, "DPO") if "rewards/margins" in r]
+    assert [r["step"] for r in dpo] == [1, 2, 3, 4, 5, 6]
+    # Step 1: the policy is the reference, so the margin starts at 0 and then grows.
+    assert abs(dpo[0]["rewards/margins"]) < 1e-4
+    assert dpo[-1]["rewards/margins"] > 0.05
+    assert sum(r["rewards/margins"] for r in dpo[-2:]) > sum(r["rewards/margins"] for r in dpo[:2])
+    assert any("eval_rewards/accuracies" in r for r in records(log, "DPO"))
+    assert any("Stage 1-dpo: DPO" in line for line in logs)
+
+
+def test_dpo_stage_refuses_conversation_data(tmp_path: Path, tiny_model_dir: Path) -> None:
+    spec = chain_spec(tiny_model_dir)
+    del spec["stages"][1]["dataset"]  # DPO would train on spec.dataset: conversations
+    cfg = TrainerConfig.model_validate(config(tmp_path / "out", spec))
+    with pytest.raises(Exception, match="stage DPO trains on preference data") as info:
+        run_pipeline(cfg, work_dir=tmp_path / "work", log=lambda _: None)
+    assert getattr(info.value, "reason", None) == Reason.DATASET_INVALID
+    # Refused before any training: no checkpoint was written.
+    assert not (tmp_path / "out" / "test" / "chain" / "r1" / "checkpoints").exists()
+
+
+def test_unavailable_stages_are_refused_before_any_work(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    spec = chain_spec(tiny_model_dir)
+    spec["stages"] = [{"type": "SFT"}, {"type": "RewardModel"}, {"type": "RLHF"}]
+    del spec["alignment"]
+    cfg = TrainerConfig.model_validate(config(tmp_path / "out", spec))
+    with pytest.raises(Exception, match="RewardModel, RLHF are not available") as info:
+        run_pipeline(cfg, work_dir=tmp_path / "work", log=lambda _: None)
+    assert getattr(info.value, "reason", None) == Reason.INVALID_SPEC
+    assert not (tmp_path / "out").exists()
+
+
+def trainer(cfg: Path, work: Path, fault: str | None = None) -> tuple[int, dict[str, Any]]:
+    result = work.parent / f"result-{work.name}.json"
+    env = {k: v for k, v in os.environ.items() if k != "KUBETUNE_FAULT"}
+    if fault:
+        env["KUBETUNE_FAULT"] = fault
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetune.trainer", "--config", str(cfg),
+         "--result-file", str(result), "--work-dir", str(work)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return proc.returncode, json.loads(result.read_text()) if result.exists() else {}
+
+
+def test_a_chain_killed_in_its_second_stage_resumes_there(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    output = tmp_path / "out"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config(output, chain_spec(tiny_model_dir))))
+    code, _ = trainer(path, tmp_path / "work1", fault="KILL@DPO.checkpoint-committed:4")
+    assert code == -signal.SIGKILL
+    store = open_store(str(output))
+    layout = RunLayout(str(output), "test", "chain", "r1")
+    assert store.exists(layout.key("checkpoints/COMPLETE.json"))  # SFT finished
+    assert not store.exists(layout.key("checkpoints/1-dpo/COMPLETE.json"))
+    code, result = trainer(path, tmp_path / "work2")
+    assert code == 0, result
+    assert result["resumedFromStep"] == 4  # inside DPO, not from the start of the chain
+    assert result["step"] == 6
+    log = (output / "test" / "chain" / "r1" / "logs" / "train.jsonl").read_text()
+    assert '"stage": "SFT"' not in log  # SFT was not trained again
