@@ -167,6 +167,7 @@ def trainer_arguments(
         "eval_strategy": eval_strategy,
         "eval_steps": training.eval_every_steps,
         "report_to": tracking_integrations(spec, output_dir.parent / "tensorboard"),
+        "include_num_input_tokens_seen": "non_padding",
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
         "use_cpu": not cuda,
@@ -202,7 +203,6 @@ def sft_config(
         max_length=training.max_seq_length,
         packing=packed,
         padding_free=packed,
-        include_num_input_tokens_seen="non_padding",
     )
 
 
