@@ -334,6 +334,10 @@ def run_trainer(
     for callback in _callbacks(store, layout, keep, progress, stop, log):
         trainer.add_callback(callback)
     progress.total_steps = trainer.state.max_steps or _planned_steps(trainer)
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()  # each stage reports its own peak
     resume = checkpointing.download_latest(
         store, layout, work_dir / f"resume-{layout.checkpoints_dir.strip('/').replace('/', '-')}"
     )
