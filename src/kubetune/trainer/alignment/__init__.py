@@ -1,0 +1,1 @@
+"""Alignment stages after SFT: reward modelling and reinforcement learning from feedback."""
