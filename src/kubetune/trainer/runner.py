@@ -43,12 +43,14 @@ def _failure(reason: Reason, message: str) -> TrainerResult:
 
 def _quiet_library_progress() -> None:
     """No per-file progress bars from transformers (loading and writing shards flood the
-    log); model downloads from the Hub keep theirs."""
+    log); model downloads from the Hub keep theirs. bitsandbytes' notice that its optional
+    CPU kernels package is missing (it falls back to its own code) is not shown."""
     from huggingface_hub.utils import enable_progress_bars  # type: ignore[attr-defined]
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     enable_progress_bars()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def execute(config: TrainerConfig, work_dir: Path, log: Log, metrics_port: int) -> TrainerResult:
