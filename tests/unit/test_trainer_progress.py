@@ -89,3 +89,12 @@ def test_rich_bar_is_silent_without_a_terminal() -> None:
     bar.on_step_end(None, state, None)
     bar.on_train_end(None, state, None)
     assert out.getvalue() == ""
+
+
+def test_dpo_log_line_shows_reward_margin_and_accuracy(tmp_path: Path) -> None:
+    progress = StageProgress("DPO", 10, tmp_path / "train.jsonl")
+    record = progress.record(
+        4, {"loss": 0.6542, "rewards/margins": 0.0213, "rewards/accuracies": 0.75}
+    )
+    line = progress.line(record)
+    assert line.startswith("DPO step 4/10 | loss 0.6542 | margin 0.0213 | reward acc 0.75")

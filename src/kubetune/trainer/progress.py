@@ -132,6 +132,10 @@ class StageProgress:
         for key, label, fmt in (
             ("loss", "loss", "{:.4f}"),
             ("eval_loss", "eval_loss", "{:.4f}"),
+            ("rewards/margins", "margin", "{:.4f}"),
+            ("rewards/accuracies", "reward acc", "{:.2f}"),
+            ("eval_rewards/margins", "eval margin", "{:.4f}"),
+            ("eval_rewards/accuracies", "eval reward acc", "{:.2f}"),
             ("learning_rate", "lr", "{:.2e}"),
             ("tokens_per_second", "tok/s", "{:.0f}"),
         ):
