@@ -151,5 +151,10 @@ def test_a_chain_killed_in_its_second_stage_resumes_there(
     assert code == 0, result
     assert result["resumedFromStep"] == 4  # inside DPO, not from the start of the chain
     assert result["step"] == 6
-    log = (output / "test" / "chain" / "r1" / "logs" / "train.jsonl").read_text()
-    assert '"stage": "SFT"' not in log  # SFT was not trained again
+    # The log carried over from the first pod: SFT's steps once each (it was not trained
+    # again), DPO's steps up to the checkpoint from the first pod and the rest from the second.
+    log = output / "test" / "chain" / "r1" / "logs" / "train.jsonl"
+    sft_steps = [r["step"] for r in records(log, "SFT") if "loss" in r]
+    assert sft_steps == [1, 2, 3]
+    dpo_steps = [r["step"] for r in records(log, "DPO") if "loss" in r]
+    assert dpo_steps == [1, 2, 3, 4, 5, 6]

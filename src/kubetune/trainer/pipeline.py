@@ -32,6 +32,7 @@ from kubetune.trainer.data_stage import (
 from kubetune.trainer.eval_publish import EvalRecord, publish_eval
 from kubetune.trainer.progress import Metrics
 from kubetune.trainer.resolve import ResolvedModel, resolve_model
+from kubetune.trainer.sft import TRAIN_LOG
 from kubetune.trainer.stages import StageData
 
 Log = Callable[[str], None]
@@ -148,6 +149,7 @@ def run_pipeline(
     model = models.prepare_model(spec, model, str(resolved.path), checkpointing=checkpointing)
     trainable, total = models.trainable_parameters(model)
     log(f"Training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f} %)")
+    _continue_log(store, layout, work_dir)
     gauges = Metrics(metrics_port) if metrics_port else None
     try:
         stage = stages.run_stages(
@@ -288,6 +290,15 @@ def _stage_data(
             )
         )
     return out
+
+
+def _continue_log(store: Store, layout: RunLayout, work_dir: Path) -> None:
+    """A restarted run continues the training log its checkpoints carried."""
+    key = layout.key(TRAIN_LOG)
+    if store.exists(key):
+        target = work_dir / TRAIN_LOG
+        target.parent.mkdir(parents=True, exist_ok=True)
+        store.get_file(key, target)
 
 
 def _delta(base: dict[str, float], tuned: dict[str, float]) -> dict[str, float]:

@@ -45,6 +45,8 @@ _OPTIMIZERS = {
     Optimizer.ADAFACTOR: "adafactor",
     Optimizer.SGD: "sgd",
 }
+TRAIN_LOG = "logs/train.jsonl"
+"""The run's training log (JSONL), uploaded with every checkpoint and at the end."""
 _SCHEDULES = {Schedule.COSINE: "cosine", Schedule.LINEAR: "linear", Schedule.CONSTANT: "constant"}
 
 
@@ -222,6 +224,9 @@ def _callbacks(
         def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             checkpointing.upload_checkpoint(store, layout, folder, state.global_step, keep)
+            # The log so far goes with the checkpoint: a restarted pod continues it.
+            if progress.log_path.is_file():
+                store.put_file(progress.log_path, layout.key(TRAIN_LOG))
             faults.reach("checkpoint-committed", state.global_step, progress.stage)
             where = layout.uri_for(layout.checkpoint(state.global_step))
             log(f"Checkpoint at step {state.global_step}: {where}")
