@@ -5,10 +5,7 @@ its second stage resumes there."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ from kubetune.storage import RunLayout, open_store
 from kubetune.storage.checkpoints import checkpoint_steps
 from kubetune.storage.manifest import verify_run
 from kubetune.trainer.pipeline import run_pipeline
+from support.trainer_process import run_trainer
 
 
 def chain_spec(model: Path, dpo_steps: int = 6, **dpo: Any) -> dict[str, Any]:
@@ -122,32 +120,19 @@ def test_unavailable_stages_are_refused_before_any_work(
     assert not (tmp_path / "out").exists()
 
 
-def trainer(cfg: Path, work: Path, fault: str | None = None) -> tuple[int, dict[str, Any]]:
-    result = work.parent / f"result-{work.name}.json"
-    env = {k: v for k, v in os.environ.items() if k != "KUBETUNE_FAULT"}
-    if fault:
-        env["KUBETUNE_FAULT"] = fault
-    proc = subprocess.run(
-        [sys.executable, "-m", "kubetune.trainer", "--config", str(cfg),
-         "--result-file", str(result), "--work-dir", str(work)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    return proc.returncode, json.loads(result.read_text()) if result.exists() else {}
-
-
 def test_a_chain_killed_in_its_second_stage_resumes_there(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     output = tmp_path / "out"
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config(output, chain_spec(tiny_model_dir))))
-    code, _ = trainer(path, tmp_path / "work1", fault="KILL@DPO.checkpoint-committed:4")
+    code, _ = run_trainer(path, tmp_path / "work1", fault="KILL@DPO.checkpoint-committed:4")
     assert code == -signal.SIGKILL
     store = open_store(str(output))
     layout = RunLayout(str(output), "test", "chain", "r1")
     assert store.exists(layout.key("checkpoints/COMPLETE.json"))  # SFT finished
     assert not store.exists(layout.key("checkpoints/1-dpo/COMPLETE.json"))
-    code, result = trainer(path, tmp_path / "work2")
+    code, result = run_trainer(path, tmp_path / "work2")
     assert code == 0, result
     assert result["resumedFromStep"] == 4  # inside DPO, not from the start of the chain
     assert result["step"] == 6

@@ -4,11 +4,7 @@ checkpoint and exits with the preemption code; failures still write a result."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +15,7 @@ from safetensors.torch import load_file
 from kubetune.api.contract import Reason, exit_code_for
 from kubetune.storage import RunLayout, open_store
 from kubetune.storage.checkpoints import checkpoint_steps
+from support.trainer_process import run_trainer
 
 REPO = Path(__file__).parents[2]
 
@@ -49,20 +46,6 @@ def write_config(tmp_path: Path, model: Path, output: Path, **training: Any) -> 
     return path
 
 
-def trainer(config: Path, work: Path, fault: str | None = None) -> tuple[int, dict[str, Any]]:
-    result = work.parent / f"result-{work.name}.json"
-    env = {k: v for k, v in os.environ.items() if k != "KUBETUNE_FAULT"}
-    if fault:
-        env["KUBETUNE_FAULT"] = fault
-    proc = subprocess.run(
-        [sys.executable, "-m", "kubetune.trainer", "--config", str(config),
-         "--result-file", str(result), "--work-dir", str(work)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    body = json.loads(result.read_text()) if result.exists() else {}
-    return proc.returncode, body
-
-
 def adapter(output: Path) -> dict[str, Any]:
     return load_file(output / "test" / "recover" / "r1" / "adapter" / "adapter_model.safetensors")
 
@@ -70,7 +53,7 @@ def adapter(output: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("reference")
-    code, result = trainer(write_config(tmp, tiny_model_dir, tmp / "out"), tmp / "work")
+    code, result = run_trainer(write_config(tmp, tiny_model_dir, tmp / "out"), tmp / "work")
     assert code == 0, result
     return {"weights": adapter(tmp / "out"), "result": result}
 
@@ -80,12 +63,12 @@ def test_kill_after_a_checkpoint_resumes_to_identical_weights(
 ) -> None:
     output = tmp_path / "out"
     config = write_config(tmp_path, tiny_model_dir, output)
-    code, _ = trainer(config, tmp_path / "work1", fault="KILL@checkpoint-committed:4")
+    code, _ = run_trainer(config, tmp_path / "work1", fault="KILL@checkpoint-committed:4")
     assert code == -signal.SIGKILL
     layout = RunLayout(str(output), "test", "recover", "r1")
     assert sorted(checkpoint_steps(open_store(str(output)), layout)) == [2, 4]
     assert not (output / "test" / "recover" / "r1" / "manifest.json").exists()
-    code, result = trainer(config, tmp_path / "work2")
+    code, result = run_trainer(config, tmp_path / "work2")
     assert code == 0, result
     assert result["resumedFromStep"] == 4
     assert result["step"] == 8
@@ -99,14 +82,14 @@ def test_kill_after_a_checkpoint_resumes_to_identical_weights(
 def test_corrupted_checkpoint_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
     output = tmp_path / "out"
     config = write_config(tmp_path, tiny_model_dir, output)
-    code, _ = trainer(config, tmp_path / "work1", fault="KILL@checkpoint-committed:4")
+    code, _ = run_trainer(config, tmp_path / "work1", fault="KILL@checkpoint-committed:4")
     assert code == -signal.SIGKILL
     newest = output / "test" / "recover" / "r1" / "checkpoints" / "step-000004"
     weights = newest / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, different content
     weights.write_bytes(bytes(data))
-    code, result = trainer(config, tmp_path / "work2")
+    code, result = run_trainer(config, tmp_path / "work2")
     assert code == 0, result
     assert result["resumedFromStep"] == 2
 
@@ -116,12 +99,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_as_preempted(
 ) -> None:
     output = tmp_path / "out"
     config = write_config(tmp_path, tiny_model_dir, output, checkpoint={"everySteps": 100})
-    code, result = trainer(config, tmp_path / "work1", fault="TERM@step-end:3")
+    code, result = run_trainer(config, tmp_path / "work1", fault="TERM@step-end:3")
     assert code == exit_code_for(Reason.PREEMPTED)
     assert result["reason"] == "Preempted"
     layout = RunLayout(str(output), "test", "recover", "r1")
     assert sorted(checkpoint_steps(open_store(str(output)), layout)) == [3]
-    code, result = trainer(config, tmp_path / "work2")
+    code, result = run_trainer(config, tmp_path / "work2")
     assert code == 0
     assert result["resumedFromStep"] == 3
 
@@ -130,7 +113,7 @@ def test_a_user_error_writes_its_result_and_exit_code(tmp_path: Path, tiny_model
     config = write_config(tmp_path, tiny_model_dir, tmp_path / "out")
     text = config.read_text().replace("builtin://quickstart", str(tmp_path / "missing.jsonl"))
     config.write_text(text)
-    code, result = trainer(config, tmp_path / "work")
+    code, result = run_trainer(config, tmp_path / "work")
     assert code == exit_code_for(Reason.SOURCE_NOT_FOUND)
     assert result["reason"] == "SourceNotFound"
     assert "missing.jsonl" in result["message"]
@@ -139,7 +122,7 @@ def test_a_user_error_writes_its_result_and_exit_code(tmp_path: Path, tiny_model
 def test_an_invalid_config_is_refused_before_torch(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({"run": {}, "spec": {}, "surprise": 1}))
-    code, result = trainer(config, tmp_path / "work")
+    code, result = run_trainer(config, tmp_path / "work")
     assert code == exit_code_for(Reason.INVALID_SPEC)
     assert result["reason"] == "InvalidSpec"
     assert "surprise" in result["message"]

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.v1alpha1.dataset import DatasetSpec
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.api.v1alpha1.training import TrainingSpec
 from kubetune.storage import RunLayout, Store
-from kubetune.trainer.data.prepare import prepare_dataset
+from kubetune.trainer.data.prepare import PreparedData, prepare_dataset
 
 DATA_FILES = ("data/train.jsonl", "data/val.jsonl", "data/token-lengths.png")
 
@@ -47,22 +48,15 @@ def run_data_stage(
         return DataStageResult(
             layout.uri_for(layout.DATA_TRAIN), layout.uri_for(layout.DATA_VAL), report, True
         )
-    training = spec.training or TrainingSpec()
-    prepared = prepare_dataset(
-        spec.dataset,
-        tokenizer_dir=tokenizer_dir,
-        max_seq_length=training.max_seq_length,
-        out_dir=work_dir / "data",
-        work_dir=work_dir / "data-work",
-        log=log,
-    )
-    for local, key in (
+    prepared = _prepare(spec, spec.dataset, "data", tokenizer_dir, work_dir, log)
+    _publish(
+        store,
+        layout,
         (prepared.train, layout.DATA_TRAIN),
         (prepared.validation, layout.DATA_VAL),
         (prepared.histogram, "data/token-lengths.png"),
         (prepared.report, layout.DATA_REPORT),
-    ):
-        store.put_file(local, layout.key(key))
+    )
     counts = prepared.summary["counts"]
     log(
         f"Prepared {counts['train']} training and {counts['validation']} validation examples "
@@ -94,22 +88,13 @@ def run_eval_data_stage(
         return False
     if store.exists(layout.key(EVAL_REPORT)):
         return True
-    training = spec.training or TrainingSpec()
-    prepared = prepare_dataset(
-        evaluation.eval_dataset,
-        tokenizer_dir=tokenizer_dir,
-        max_seq_length=training.max_seq_length,
-        out_dir=work_dir / "eval-data",
-        work_dir=work_dir / "eval-data-work",
-        log=log,
-    )
+    prepared = _prepare(spec, evaluation.eval_dataset, "eval-data", tokenizer_dir, work_dir, log)
     # The preparation splits off a validation part; an evaluation set wants every row.
     combined = work_dir / "eval-data" / "eval.jsonl"
     with combined.open("wb") as out:
         for part in (prepared.train, prepared.validation):
             out.write(part.read_bytes())
-    store.put_file(combined, layout.key(EVAL_DATA))
-    store.put_file(prepared.report, layout.key(EVAL_REPORT))
+    _publish(store, layout, (combined, EVAL_DATA), (prepared.report, EVAL_REPORT))
     counts = prepared.summary["counts"]
     log(
         f"Prepared {counts['train'] + counts['validation']} evaluation examples from "
@@ -126,7 +111,6 @@ def run_stage_data_stage(
     store: Store,
     *,
     tokenizer_dir: Path,
-    max_seq_length: int,
     work_dir: Path,
     log: Callable[[str], None] = print,
 ) -> tuple[str, str, dict[str, Any]]:
@@ -142,23 +126,42 @@ def run_stage_data_stage(
     )
     if store.exists(layout.key(report_key)):
         return train, validation, json.loads(store.get_bytes(layout.key(report_key)))
-    prepared = prepare_dataset(
-        stage.dataset,
-        tokenizer_dir=tokenizer_dir,
-        max_seq_length=max_seq_length,
-        out_dir=work_dir / f"data-{name}",
-        work_dir=work_dir / f"data-{name}-work",
-        log=log,
-    )
-    for local, key in (
+    prepared = _prepare(spec, stage.dataset, f"data-{name}", tokenizer_dir, work_dir, log)
+    _publish(
+        store,
+        layout,
         (prepared.train, train),
         (prepared.validation, validation),
         (prepared.report, report_key),
-    ):
-        store.put_file(local, layout.key(key))
+    )
     counts = prepared.summary["counts"]
     log(
         f"Prepared {counts['train']} training and {counts['validation']} validation examples "
         f"for stage {name} (spec.stages[{index}].dataset)"
     )
     return train, validation, prepared.summary
+
+
+def _prepare(
+    spec: FineTuneJobSpec,
+    dataset: DatasetSpec,
+    folder: str,
+    tokenizer_dir: Path,
+    work_dir: Path,
+    log: Callable[[str], None],
+) -> PreparedData:
+    """One dataset through the data stage, into work_dir/<folder>."""
+    return prepare_dataset(
+        dataset,
+        tokenizer_dir=tokenizer_dir,
+        max_seq_length=(spec.training or TrainingSpec()).max_seq_length,
+        out_dir=work_dir / folder,
+        work_dir=work_dir / f"{folder}-work",
+        log=log,
+    )
+
+
+def _publish(store: Store, layout: RunLayout, *files: tuple[Path, str]) -> None:
+    """Upload (local file, run-relative key) pairs in order: the report goes last."""
+    for local, key in files:
+        store.put_file(local, layout.key(key))

@@ -264,7 +264,6 @@ def _stage_data(
     """Each stage's data: its own dataset (prepared under data/<i>-<type>/) or spec.dataset;
     refused before training when its kind does not fit the stage."""
     out = []
-    max_seq_length = (spec.training or TrainingSpec()).max_seq_length
     for index, stage in enumerate(spec.stages):
         train_key, val_key, report = layout.DATA_TRAIN, layout.DATA_VAL, main_report
         if stage.dataset is not None:
@@ -276,7 +275,6 @@ def _stage_data(
                 layout,
                 store,
                 tokenizer_dir=tokenizer_dir,
-                max_seq_length=max_seq_length,
                 work_dir=work_dir,
                 log=log,
             )
