@@ -111,12 +111,13 @@ def test_unavailable_stages_are_refused_before_any_work(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     spec = chain_spec(tiny_model_dir)
-    spec["stages"] = [{"type": "SFT"}, {"type": "RewardModel"}, {"type": "RLHF"}]
+    spec["stages"] = [{"type": "SFT"}, {"type": "ORPO"}, {"type": "SimPO"}]
     del spec["alignment"]
     cfg = TrainerConfig.model_validate(config(tmp_path / "out", spec))
-    with pytest.raises(Exception, match="RewardModel, RLHF are not available") as info:
+    with pytest.raises(Exception, match="ORPO, SimPO are not available") as info:
         run_pipeline(cfg, work_dir=tmp_path / "work", log=lambda _: None)
     assert getattr(info.value, "reason", None) == Reason.INVALID_SPEC
+    assert "experimental" in str(info.value) and "use DPO" in str(info.value)
     assert not (tmp_path / "out").exists()
 
 

@@ -221,3 +221,47 @@ def test_prompt_learning_adapters_are_refused(tiny_model_dir: Path) -> None:
             log=lambda _: None,
         )
     assert raised.value.reason == Reason.INVALID_SPEC
+
+
+def test_a_resumed_run_ends_where_the_uninterrupted_one_does(tiny_model_dir: Path) -> None:
+    """Steps 1-2, a checkpoint (adapter + state), then steps 3-4 in a fresh policy give the
+    same weights, value head and KL coefficient as steps 1-4 in one go."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    spec = RLHFSpec.model_validate(TOY_SPEC)
+    tokenizer = tokenizer_of(tiny_model_dir)
+    common: dict[str, Any] = {
+        "spec": spec,
+        "steps": 4,
+        "batch_size": 4,
+        "learning_rate": 1e-3,
+        "seed": 3,
+        "log": lambda _: None,
+        "mini_batch_size": 2,
+    }
+    whole = train_ppo(lora_policy(tiny_model_dir), tokenizer, PROMPTS, newline_share, **common)
+
+    saved: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+    first = lora_policy(tiny_model_dir)
+
+    def keep(step: int, state: dict[str, Any]) -> None:
+        adapter = {k: v.clone() for k, v in get_peft_model_state_dict(first).items()}
+        saved[step] = (adapter, state)
+
+    stopped = train_ppo(
+        first, tokenizer, PROMPTS, newline_share, checkpoint=keep, stop=lambda: True, **common
+    )
+    assert stopped.stopped_at == 1 and list(saved) == [1]
+    second = lora_policy(tiny_model_dir)
+    adapter, state = saved[1]
+    set_peft_model_state_dict(second, adapter)
+    resumed = train_ppo(
+        second, tokenizer, PROMPTS, newline_share, start_step=1, state=state, **common
+    )
+    assert [r["step"] for r in resumed.history] == [2.0, 3.0, 4.0]
+    for key, value in get_peft_model_state_dict(whole.policy).items():
+        torch.testing.assert_close(get_peft_model_state_dict(resumed.policy)[key], value)
+    torch.testing.assert_close(
+        resumed.value_head.linear.weight, whole.value_head.linear.weight
+    )
+    assert resumed.metrics["kl_coef"] == pytest.approx(whole.metrics["kl_coef"])

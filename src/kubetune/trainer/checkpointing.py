@@ -14,6 +14,7 @@ import hashlib
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 from kubetune.storage import RunLayout, Store
 from kubetune.storage.checkpoints import (
@@ -81,3 +82,19 @@ def download_latest(store: Store, layout: RunLayout, into: Path) -> tuple[int, P
             continue
         return step, target
     return None
+
+
+def load_policy_weights(model: Any, folder: Path) -> None:
+    """Load a checkpoint's policy weights into `model`: the adapter of a PEFT model
+    (`adapter_model.safetensors`), or the full weights (`model*.safetensors`)."""
+    from safetensors.torch import load_file
+
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+        return
+    state: dict[str, Any] = {}
+    for shard in sorted(folder.glob("model*.safetensors")):
+        state.update(load_file(str(shard)))
+    model.load_state_dict(state, strict=False)

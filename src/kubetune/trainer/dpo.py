@@ -1,5 +1,8 @@
-"""Direct preference optimization through TRL's DPOTrainer (the only module that builds
-TRL configs for DPO).
+"""Preference optimization through TRL: DPO (DPOTrainer) and KTO (KTOTrainer); the only
+module that builds TRL configs for them.
+
+KTO learns from desirable and undesirable answers rather than pairs: TRL splits each
+preference pair into its chosen answer (desirable) and its rejected one (undesirable).
 
 The reference model is never a second copy of the weights. With LoRA or QLoRA the policy
 is a PEFT model: TRL adds a frozen copy of the adapter as the reference ("ref"), so after
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune.api.base import parse_decimal
 from kubetune.api.contract import Reason
-from kubetune.api.v1alpha1.alignment import DPOLossType, DPOSpec
+from kubetune.api.v1alpha1.alignment import DPOLossType, DPOSpec, KTOSpec, StageType
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.api.v1alpha1.training import CheckpointSpec, TrainingSpec
 from kubetune.storage import RunLayout, Store
@@ -57,7 +60,7 @@ def preference_rows(path: Path) -> Iterator[dict[str, Any]]:
             if "chosen" not in row:
                 raise TrainingSetupError(
                     Reason.DATASET_INVALID,
-                    f"{path}:{number}: the DPO stage needs preference pairs (prompt, chosen, "
+                    f"{path}:{number}: preference stages need preference pairs (prompt, chosen, "
                     "rejected); set the stage's dataset (stages[].dataset) to preference data "
                     "with format Preference",
                 )
@@ -97,6 +100,44 @@ def dpo_config(
     )
 
 
+def kto_config(
+    spec: FineTuneJobSpec,
+    training: TrainingSpec,
+    output_dir: Path,
+    precisions: Precisions,
+    *,
+    cuda: bool,
+    checkpointing: bool,
+    has_validation: bool,
+) -> Any:
+    """TRL's KTOConfig: the shared Trainer arguments plus alignment.kto."""
+    from trl import KTOConfig  # type: ignore[attr-defined]
+
+    settings = (spec.alignment.kto if spec.alignment else None) or KTOSpec()
+    if training.batch_size < 2:
+        raise TrainingSetupError(
+            Reason.INVALID_SPEC,
+            "the KTO stage estimates its KL term from other examples of the same batch: set "
+            "training.batchSize (or the stage's training.batchSize) to 2 or more",
+        )
+    common = trainer_arguments(
+        spec,
+        training,
+        output_dir,
+        precisions,
+        cuda=cuda,
+        checkpointing=checkpointing,
+        has_validation=has_validation,
+    )
+    return KTOConfig(
+        **common,
+        beta=parse_decimal(settings.beta),
+        desirable_weight=parse_decimal(settings.desirable_weight),
+        undesirable_weight=parse_decimal(settings.undesirable_weight),
+        max_length=training.max_seq_length,
+    )
+
+
 def train_dpo(
     spec: FineTuneJobSpec,
     model: PreTrainedModel,
@@ -114,24 +155,34 @@ def train_dpo(
     metrics: Metrics | None,
     log: Callable[[str], None],
     max_validation: int,
+    kind: StageType = StageType.DPO,
 ) -> StageResult:
-    """Run (or resume) a DPO stage on the policy `model` (the previous stage's output)."""
+    """Run (or resume) a DPO or KTO stage (`kind`) on the policy `model` (the previous
+    stage's output)."""
     from datasets import Dataset
-    from trl import DPOTrainer  # type: ignore[attr-defined]
+    from trl import DPOTrainer, KTOTrainer  # type: ignore[attr-defined]
 
     train = Dataset.from_list(list(preference_rows(train_path)))
     pairs = list(preference_rows(validation_path))[:max_validation]
     validation = Dataset.from_list(pairs) if pairs else None
-    args = dpo_config(
+    build, trainer_type = (
+        (kto_config, KTOTrainer)
+        if kind == StageType.KTO
+        else (
+            dpo_config,
+            DPOTrainer,
+        )
+    )
+    args = build(
         spec,
         training,
-        work_dir / "dpo",
+        work_dir / kind.value.lower(),
         precisions,
         cuda=cuda,
         checkpointing=checkpointing_on,
         has_validation=validation is not None,
     )
-    trainer = DPOTrainer(
+    trainer = trainer_type(
         model=model,
         args=args,
         train_dataset=train,
@@ -140,7 +191,7 @@ def train_dpo(
     )
     result = run_trainer(
         trainer,
-        "DPO",
+        kind.value,
         store=store,
         layout=layout,
         keep=(training.checkpoint or CheckpointSpec()).keep,

@@ -32,6 +32,7 @@ from kubetune.trainer.data_stage import (
 from kubetune.trainer.eval_publish import EvalRecord, publish_eval
 from kubetune.trainer.progress import Metrics
 from kubetune.trainer.resolve import ResolvedModel, resolve_model
+from kubetune.trainer.reward_stage import REWARD_MODEL_DIR
 from kubetune.trainer.sft import TRAIN_LOG
 from kubetune.trainer.stages import StageData
 
@@ -157,6 +158,7 @@ def run_pipeline(
             model,
             tokenizer,
             stage_data,
+            resolved=resolved,
             store=store,
             layout=layout,
             work_dir=work_dir,
@@ -234,7 +236,7 @@ def run_pipeline(
     manifest = write_manifest(
         store,
         layout,
-        files + [o for o in store.list(layout.key("data/"))],
+        files + store.list(layout.key("data/")) + store.list(layout.key(REWARD_MODEL_DIR)),
         lineage=lineage,
         metrics=summary,
         created_at=now,

@@ -136,6 +136,8 @@ class StageProgress:
             ("rewards/accuracies", "reward acc", "{:.2f}"),
             ("eval_rewards/margins", "eval margin", "{:.4f}"),
             ("eval_rewards/accuracies", "eval reward acc", "{:.2f}"),
+            ("reward", "reward", "{:.4f}"),
+            ("kl", "KL", "{:.4f}"),
             ("learning_rate", "lr", "{:.2e}"),
             ("tokens_per_second", "tok/s", "{:.0f}"),
         ):

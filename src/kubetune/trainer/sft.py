@@ -208,6 +208,44 @@ def sft_config(
     )
 
 
+def commit_checkpoint(
+    store: Store,
+    layout: RunLayout,
+    folder: Path,
+    step: int,
+    keep: int,
+    log_path: Path,
+    stage: str,
+    log: Callable[[str], None],
+) -> None:
+    """Upload and commit a checkpoint folder with the training log so far (a restarted pod
+    continues the log); every stage checkpoints through here."""
+    checkpointing.upload_checkpoint(store, layout, folder, step, keep)
+    if log_path.is_file():
+        store.put_file(log_path, layout.key(TRAIN_LOG))
+    faults.reach("checkpoint-committed", step, stage)
+    log(f"Checkpoint at step {step}: {layout.uri_for(layout.checkpoint(step))}")
+
+
+def checkpoint_callback(
+    store: Store,
+    layout: RunLayout,
+    keep: int,
+    log_path: Path,
+    stage: str,
+    log: Callable[[str], None],
+) -> Any:
+    """A Trainer callback that commits every checkpoint the Trainer saves."""
+    from transformers import TrainerCallback
+
+    class CommitCheckpoints(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            commit_checkpoint(store, layout, folder, state.global_step, keep, log_path, stage, log)
+
+    return CommitCheckpoints()
+
+
 def _callbacks(
     store: Store,
     layout: RunLayout,
@@ -220,23 +258,9 @@ def _callbacks(
 
     from kubetune.trainer.progressbar import RichProgressBar
 
-    class StoreAndReport(TrainerCallback):
-        def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            checkpointing.upload_checkpoint(store, layout, folder, state.global_step, keep)
-            # The log so far goes with the checkpoint: a restarted pod continues it.
-            if progress.log_path.is_file():
-                store.put_file(progress.log_path, layout.key(TRAIN_LOG))
-            faults.reach("checkpoint-committed", state.global_step, progress.stage)
-            where = layout.uri_for(layout.checkpoint(state.global_step))
-            log(f"Checkpoint at step {state.global_step}: {where}")
-
+    class Report(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
-            values = {
-                ("learning_rate" if k == "learning_rate" else k): v
-                for k, v in (logs or {}).items()
-                if isinstance(v, int | float)
-            }
+            values = {k: v for k, v in (logs or {}).items() if isinstance(v, int | float)}
             values["epoch"] = state.epoch or 0
             record = progress.record(state.global_step, values, state.num_input_tokens_seen)
             log(progress.line(record))
@@ -247,7 +271,11 @@ def _callbacks(
                 control.should_save = True
                 control.should_training_stop = True
 
-    return [StoreAndReport(), RichProgressBar(progress.stage)]
+    return [
+        checkpoint_callback(store, layout, keep, progress.log_path, progress.stage, log),
+        Report(),
+        RichProgressBar(progress.stage),
+    ]
 
 
 def train_sft(

@@ -1,9 +1,12 @@
 """The chain of training stages (`spec.stages`), each continuing from the previous one.
 
-How a stage consumes the previous stage's output: the model is handed on as it is. With
-LoRA or QLoRA the same adapter keeps training (SFT's adapter is where DPO starts, and DPO's
-reference is a frozen copy of it); with Full fine-tuning the same weights do. Nothing is
-merged between stages.
+How a stage consumes the previous stage's output: the policy is handed on as it is. With
+LoRA or QLoRA the same adapter keeps training (SFT's adapter is where DPO, KTO or RLHF
+starts, and their reference is a frozen copy of it); with Full fine-tuning the same weights
+do. The policy is never merged between stages. The RewardModel stage is the exception that
+does not change the policy: it trains a separate reward model, starting from the policy
+merged into full weights, publishes it as `reward-model/` and hands the policy on unchanged
+to the RLHF stage, which trains it against that reward model.
 
 Each stage has its own data (`stages[].dataset`, published under `data/<i>-<type>/`, or
 `spec.dataset`), its own hyperparameter overrides (`stages[].training`) and its own
@@ -30,15 +33,35 @@ from kubetune.storage import RunLayout, Store
 from kubetune.trainer import checkpointing
 from kubetune.trainer.models import Precisions, TrainingSetupError
 from kubetune.trainer.progress import Metrics
+from kubetune.trainer.resolve import ResolvedModel
 from kubetune.trainer.sft import StageResult
+from kubetune.trainer.stage_context import StageContext
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Log = Callable[[str], None]
-SUPPORTED = (StageType.SFT, StageType.DPO)
+SUPPORTED = (
+    StageType.SFT,
+    StageType.DPO,
+    StageType.KTO,
+    StageType.REWARD_MODEL,
+    StageType.RLHF,
+)
+UNSUPPORTED = {
+    StageType.ORPO: "TRL 1.16 offers ORPO only as an experimental API; use DPO or KTO",
+    StageType.SIMPO: "TRL 1.16 offers SimPO only as an experimental API (CPO); use DPO "
+    "(e.g. alignment.dpo.lossType IPO) or KTO",
+}
+"""Stage types the API names but this trainer refuses, and what to use instead."""
 COMPLETE = "COMPLETE.json"
-FAMILIES = {StageType.SFT: ("conversation", "text"), StageType.DPO: ("preference",)}
+FAMILIES = {
+    StageType.SFT: ("conversation", "text"),
+    StageType.DPO: ("preference",),
+    StageType.KTO: ("preference",),
+    StageType.REWARD_MODEL: ("preference",),
+    StageType.RLHF: ("preference", "conversation"),
+}
 """Which data families (data/report.json `family`) each stage trains on."""
 
 
@@ -83,12 +106,14 @@ def stage_training(spec: FineTuneJobSpec, stage: StageSpec) -> TrainingSpec:
 
 def check_stages(spec: FineTuneJobSpec) -> None:
     """Refuse, before any work, stages this trainer cannot run with this method."""
-    unsupported = [s.type.value for s in spec.stages if s.type not in SUPPORTED]
+    unsupported = [s.type for s in spec.stages if s.type not in SUPPORTED]
     if unsupported:
+        why = "; ".join(f"{t.value}: {UNSUPPORTED[t]}" for t in unsupported if t in UNSUPPORTED)
         raise TrainingSetupError(
             Reason.INVALID_SPEC,
-            f"stage(s) {', '.join(unsupported)} are not available in this version of the "
-            f"trainer (available: {', '.join(s.value for s in SUPPORTED)})",
+            f"stage(s) {', '.join(t.value for t in unsupported)} are not available in this "
+            f"version of the trainer (available: {', '.join(s.value for s in SUPPORTED)})"
+            + (f". {why}" if why else ""),
         )
     if spec.method in PROMPT_LEARNING_METHODS and any(s.type != StageType.SFT for s in spec.stages):
         raise TrainingSetupError(
@@ -107,7 +132,7 @@ def check_family(index: int, stage: StageSpec, family: str, where: str) -> None:
             Reason.DATASET_INVALID,
             f"{source} ({where}) holds {family} examples, but stage {stage.type.value} trains "
             f"on {' or '.join(wanted)} data; give the stage its own dataset with a matching "
-            "format (e.g. format: Preference for DPO)",
+            "format (e.g. format: Preference for DPO, KTO and RewardModel)",
         )
 
 
@@ -124,8 +149,6 @@ def _restore(
     model: PreTrainedModel, store: Store, layout: RunLayout, work_dir: Path, name: str
 ) -> None:
     """Load a completed stage's final weights (adapter or full) into `model`."""
-    from safetensors.torch import load_file
-
     found = checkpointing.download_latest(store, layout, work_dir / f"restore-{name}")
     if found is None:
         raise TrainingSetupError(
@@ -133,16 +156,7 @@ def _restore(
             f"stage {name} is marked complete but has no committed checkpoint in "
             f"{layout.uri_for(layout.checkpoints_dir)}",
         )
-    folder = found[1]
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
-        return
-    state: dict[str, Any] = {}
-    for shard in sorted(folder.glob("model*.safetensors")):
-        state.update(load_file(str(shard)))
-    model.load_state_dict(state, strict=False)
+    checkpointing.load_policy_weights(model, found[1])
 
 
 def run_stages(
@@ -151,6 +165,7 @@ def run_stages(
     tokenizer: PreTrainedTokenizerBase,
     data: list[StageData],
     *,
+    resolved: ResolvedModel,
     store: Store,
     layout: RunLayout,
     work_dir: Path,
@@ -161,49 +176,46 @@ def run_stages(
     max_validation: int,
     log: Log,
 ) -> ChainResult:
-    """Train every stage in order; returns the final model and per-stage records."""
-    from kubetune.trainer.dpo import train_dpo
-    from kubetune.trainer.sft import train_sft
-
+    """Train every stage in order; returns the final policy and per-stage records."""
+    ctx = StageContext(
+        spec=spec,
+        tokenizer=tokenizer,
+        resolved=resolved,
+        store=store,
+        layout=layout,
+        work_dir=work_dir,
+        precisions=precisions,
+        cuda=cuda,
+        checkpointing_on=checkpointing_on,
+        metrics=metrics,
+        max_validation=max_validation,
+        log=log,
+    )
     chain = ChainResult(model=model)
+    restore: tuple[RunLayout, str] | None = None  # the last completed stage that trained
+    reward_dir: Path | None = None
     for index, stage in enumerate(spec.stages):
         name = stage_name(index, stage)
         stage_layout = _stage_layout(layout, index, stage)
         done = _completed(store, stage_layout)
         if done is not None:
             log(f"Stage {name} already complete ({done['steps']} steps)")
-            last_done = (
-                index == len(spec.stages) - 1
-                or _completed(store, _stage_layout(layout, index + 1, spec.stages[index + 1]))
-                is None
-            )
-            if last_done:
-                _restore(chain.model, store, stage_layout, work_dir, name)
+            if stage.type == StageType.REWARD_MODEL:
+                from kubetune.trainer.reward_stage import download_reward_model
+
+                reward_dir = download_reward_model(ctx)
+            else:
+                restore = (stage_layout, name)
             chain.stages.append(done)
             chain.steps = done["steps"]
             continue
-        training = stage_training(spec, stage)
+        if restore is not None:
+            _restore(chain.model, store, restore[0], work_dir, restore[1])
+            restore = None
         log(f"Stage {name}: {stage.type.value}")
-        common: dict[str, Any] = {
-            "train_path": data[index].train,
-            "validation_path": data[index].validation,
-            "store": store,
-            "layout": stage_layout,
-            "work_dir": work_dir,
-            "precisions": precisions,
-            "cuda": cuda,
-            "checkpointing_on": checkpointing_on,
-            "metrics": metrics,
-            "log": log,
-            "training": training,
-        }
-        result: StageResult
-        if stage.type == StageType.SFT:
-            result = train_sft(spec, chain.model, tokenizer, **common)
-        else:
-            result = train_dpo(
-                spec, chain.model, tokenizer, max_validation=max_validation, **common
-            )
+        result, reward_dir = _run_stage(
+            ctx, index, stage, chain.model, data[index], stage_layout, reward_dir
+        )
         record = {
             "name": name,
             "type": stage.type.value,
@@ -219,4 +231,57 @@ def run_stages(
         if result.resumed_from_step is not None and chain.resumed_from_step is None:
             chain.resumed_from_step = result.resumed_from_step
         chain.stages.append(record)
+    if restore is not None:
+        _restore(chain.model, store, restore[0], work_dir, restore[1])
     return chain
+
+
+def _run_stage(
+    ctx: StageContext,
+    index: int,
+    stage: StageSpec,
+    model: PreTrainedModel,
+    data: StageData,
+    layout: RunLayout,
+    reward_dir: Path | None,
+) -> tuple[StageResult, Path | None]:
+    """One stage; returns its result and the reward model folder (new or handed on)."""
+    from kubetune.trainer.dpo import train_dpo
+    from kubetune.trainer.reward_stage import run_reward_stage
+    from kubetune.trainer.rlhf_stage import run_rlhf_stage
+    from kubetune.trainer.sft import train_sft
+
+    training = stage_training(ctx.spec, stage)
+    if stage.type == StageType.REWARD_MODEL:
+        return run_reward_stage(ctx, layout, stage, model, data.train, data.validation, training)
+    if stage.type == StageType.RLHF:
+        if reward_dir is None:  # the API guarantees a RewardModel stage right before
+            raise TrainingSetupError(
+                Reason.INVALID_SPEC, "the RLHF stage needs a RewardModel stage before it"
+            )
+        result = run_rlhf_stage(ctx, layout, model, data.train, training, reward_dir)
+        return result, reward_dir
+    common: dict[str, Any] = {
+        "train_path": data.train,
+        "validation_path": data.validation,
+        "store": ctx.store,
+        "layout": layout,
+        "work_dir": ctx.work_dir,
+        "precisions": ctx.precisions,
+        "cuda": ctx.cuda,
+        "checkpointing_on": ctx.checkpointing_on,
+        "metrics": ctx.metrics,
+        "log": ctx.log,
+        "training": training,
+    }
+    if stage.type == StageType.SFT:
+        return train_sft(ctx.spec, model, ctx.tokenizer, **common), reward_dir
+    result = train_dpo(
+        ctx.spec,
+        model,
+        ctx.tokenizer,
+        max_validation=ctx.max_validation,
+        kind=stage.type,
+        **common,
+    )
+    return result, reward_dir

@@ -152,6 +152,9 @@ class PPOResult:
     metrics: dict[str, float]
     """The last step's record, plus the first step's mean score as initial_score."""
 
+    stopped_at: int | None = None
+    """The step after which `stop` ended the run early (a checkpoint was offered)."""
+
 
 def train_ppo(
     policy: PreTrainedModel,
@@ -169,6 +172,11 @@ def train_ppo(
     reference: PreTrainedModel | None = None,
     mini_batch_size: int | None = None,
     max_grad_norm: float = 1.0,
+    start_step: int = 0,
+    state: dict[str, Any] | None = None,
+    checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
+    checkpoint_every: int = 0,
+    stop: Callable[[], bool] | None = None,
 ) -> PPOResult:
     """Train `policy` with PPO against `reward_fn` for `steps` batches of rollouts.
 
@@ -190,6 +198,15 @@ def train_ppo(
         mini_batch_size: rollouts per gradient step (default: the whole batch); also the
             chunk size of the forward passes without gradients.
         max_grad_norm: gradient clipping.
+        start_step: steps already done (resuming); the prompt order, sampling and
+            mini-batch order of every step depend only on `seed` and the step number, so a
+            resumed run continues as the uninterrupted one would.
+        state: what `checkpoint` received at `start_step` (value head, optimizer, KL
+            coefficient); the caller restores the policy weights itself.
+        checkpoint: receives (step, state) every `checkpoint_every` steps, at the last
+            step, and when `stop` ends the run early.
+        checkpoint_every: steps between checkpoints (0: only at the end and on stop).
+        stop: polled after each step; True ends the run early (e.g. on SIGTERM).
     """
     settings = ppo_settings(spec)
     _check_policy(policy, reference)
@@ -214,14 +231,23 @@ def train_ppo(
         max_grad_norm=max_grad_norm,
         generator=torch.Generator().manual_seed(seed),
     )
+    if state is not None:
+        value_head.load_state_dict(state["value_head"])
+        learner.optimizer.load_state_dict(state["optimizer"])
+        learner.controller.value = float(state["kl_coef"])
     texts = [render_prompt(tokenizer, messages) for messages in prompts]
     batches = _prompt_batches(texts, batch_size, random.Random(seed))
+    for _ in range(start_step):
+        next(batches)
     eos_ids = eos_token_ids(policy, tokenizer)
     history: list[dict[str, float]] = []
+    stopped_at = None
     with _ppo_mode(policy):
-        for step in range(1, steps + 1):
+        for step in range(start_step + 1, steps + 1):
             started = time.monotonic()
             prompt_texts = next(batches)
+            torch.manual_seed(seed + step)
+            learner.generator.manual_seed(seed + step)
             rollouts = sample_rollouts(
                 policy,
                 tokenizer,
@@ -239,9 +265,18 @@ def train_ppo(
             log(_line(record, steps))
             if on_step is not None:
                 on_step(record)
+            stopping = stop is not None and stop() and step < steps
+            due = step == steps or (checkpoint_every > 0 and step % checkpoint_every == 0)
+            if checkpoint is not None and (due or stopping):
+                checkpoint(step, learner.state())
+            if stopping:
+                stopped_at = step
+                break
+    if not history:
+        raise ValueError(f"nothing to do: start_step {start_step} >= steps {steps}")
     metrics = {key: value for key, value in history[-1].items() if key != "step"}
     metrics["initial_score"] = history[0]["score"]
-    return PPOResult(policy, value_head, history, metrics)
+    return PPOResult(policy, value_head, history, metrics, stopped_at)
 
 
 @dataclass
@@ -257,6 +292,14 @@ class _Learner:
     mini_batch_size: int
     max_grad_norm: float
     generator: torch.Generator
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint needs besides the policy weights to continue."""
+        return {
+            "value_head": self.value_head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "kl_coef": self.controller.value,
+        }
 
     def experience(self, rollouts: Rollouts, scores: Tensor) -> dict[str, Tensor]:
         """Everything PPO holds fixed while it learns from a batch, [batch, tokens] each:
