@@ -117,7 +117,8 @@ def test_unavailable_stages_are_refused_before_any_work(
     with pytest.raises(Exception, match="ORPO, SimPO are not available") as info:
         run_pipeline(cfg, work_dir=tmp_path / "work", log=lambda _: None)
     assert getattr(info.value, "reason", None) == Reason.INVALID_SPEC
-    assert "experimental" in str(info.value) and "use DPO" in str(info.value)
+    assert "experimental" in str(info.value)
+    assert "use DPO" in str(info.value)
     assert not (tmp_path / "out").exists()
 
 

@@ -251,7 +251,8 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(tiny_model_dir: Pat
     stopped = train_ppo(
         first, tokenizer, PROMPTS, newline_share, checkpoint=keep, stop=lambda: True, **common
     )
-    assert stopped.stopped_at == 1 and list(saved) == [1]
+    assert stopped.stopped_at == 1
+    assert list(saved) == [1]
     second = lora_policy(tiny_model_dir)
     adapter, state = saved[1]
     set_peft_model_state_dict(second, adapter)

@@ -18,7 +18,11 @@ from kubetune.storage.manifest import verify_run
 from kubetune.trainer.pipeline import run_pipeline
 from support.trainer_process import run_trainer
 
-PREFERENCE = {"uri": "builtin://quickstart-preference", "maxExamples": 40, "validation": {"count": 8}}
+PREFERENCE = {
+    "uri": "builtin://quickstart-preference",
+    "maxExamples": 40,
+    "validation": {"count": 8},
+}
 
 
 def rlhf_spec(model: Path, algorithm: str = "PPO", rlhf_steps: int = 4) -> dict[str, Any]:
