@@ -98,6 +98,10 @@ def test_sft_reward_model_ppo_chain(tmp_path: Path, tiny_model_dir: Path) -> Non
     assert sorted(checkpoint_steps(store, layout.for_stage(2, "RLHF"))) == [2, 4]
     steps = [r["step"] for r in records(output, "RLHF")]
     assert steps == [1, 2, 3, 4]
+    # The reference is the policy as it entered the stage (the SFT adapter, frozen), not
+    # the base: before the first update the two agree exactly.
+    assert records(output, "RLHF")[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert stages[2]["metrics"]["algorithm"] == "PPO"
     assert all({"score", "kl", "value_loss"} <= set(r) for r in records(output, "RLHF"))
     assert any(line.startswith("PPO step 4/4") for line in logs)
     assert any("RewardModel after 4 steps" in line for line in logs)

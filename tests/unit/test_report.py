@@ -1,6 +1,6 @@
 """The evaluation report: loading a run (local, S3, before publishing), the HTML document
 (plots, metric directions, gate, escaping, no external resources, missing sections), the
-terminal summary and `report()`.
+training stages (headline metrics, per-stage plots), the terminal summary and `report()`.
 
 tests/data/report_run/ is a trimmed copy of a real quickstart run (SmolLM2, 30 SFT steps):
 its metrics, gate, training log and data report as published, the first samples and rows,
@@ -34,6 +34,18 @@ from kubetune.report import (
     summary_text,
 )
 from kubetune.report.plots import histogram_bins, log_series, stage_offsets
+from kubetune.report.stage_plots import stage_plot, stage_plots
+from kubetune.report.stages import (
+    Headline,
+    Stage,
+    headlines,
+    margin_series,
+    panels,
+    run_stages,
+    short_number,
+    shows_stages,
+    summary_line,
+)
 from kubetune.report.views import exact_match, gate_verdict, metric_rows, quantized_variants
 from kubetune.storage import ObjectInfo, RunLayout, open_store
 from kubetune.storage.manifest import write_manifest
@@ -523,6 +535,280 @@ def test_token_lengths_are_read_from_the_rows(rich: tuple[RunArtifacts, str, Doc
     assert data is not None
     for text in ("1,798", "duplicate", "exact", "builtin://quickstart", "Alpaca", "p99"):
         assert text in data.text
+
+
+# Training stages ---------------------------------------------------------------------------
+
+
+def _log_lines(records: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+ALIGNED_LOG = [
+    *(
+        {
+            "stage": "DPO",
+            "step": step,
+            "loss": 0.69 - 0.05 * step,
+            "learning_rate": 5e-6,
+            "rewards/margins": margin,
+            "rewards/accuracies": accuracy,
+        }
+        for step, margin, accuracy in (
+            (1, 0.0, 0.0),
+            (2, 0.1, 0.5),
+            (3, 0.3, 0.75),
+            (4, 0.42, 0.88),
+        )
+    ),
+    {"stage": "DPO", "step": 4, "eval_rewards/margins": 0.3, "eval_rewards/accuracies": 0.75},
+    {"stage": "DPO", "step": 4, "train_loss": 0.6, "train_runtime": 12.0},
+    *(
+        {"stage": "RewardModel", "step": step, "loss": 0.69, "accuracy": acc, "margin": m}
+        for step, acc, m in ((1, 0.5, 0.0), (2, 0.75, 0.3), (3, 0.9, 0.8))
+    ),
+    *(
+        {"stage": "RLHF", "step": step, "score": score, "kl": kl, "value_loss": value_loss}
+        for step, score, kl, value_loss in (
+            (1, -0.12, 0.0, 0.5),
+            (2, 0.1, 0.4, 0.1),
+            (3, 0.35, 0.8, 0.02),
+        )
+    ),
+]
+ALIGNED_STAGES = [
+    {
+        "name": "0-dpo",
+        "type": "DPO",
+        "steps": 4,
+        "metrics": {"train_loss": 0.6, "eval_rewards/margins": 0.3},
+    },
+    {
+        "name": "1-rewardmodel",
+        "type": "RewardModel",
+        "steps": 3,
+        "metrics": {
+            "train_pairs": 120,
+            "steps": 3,
+            "eval_accuracy_before": 0.5,
+            "eval_accuracy_after": 0.8125,
+            "eval_margin_before": 0.01,
+            "eval_margin_after": 0.9,
+        },
+    },
+    {
+        "name": "2-rlhf",
+        "type": "RLHF",
+        "steps": 3,
+        "metrics": {"score": 0.35, "kl": 0.8, "value_loss": 0.02, "initial_score": -0.12},
+    },
+]
+ALIGNED_LINEAGE = {**LINEAGE, "stages": ["DPO", "RewardModel", "RLHF"], "steps": 3}
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunArtifacts, Document]:
+    """A published three-stage run (DPO, RewardModel, RLHF with PPO)."""
+    root = tmp_path_factory.mktemp("aligned")
+    make_run(root, extra={"logs/train.jsonl": _log_lines(ALIGNED_LOG)}, manifest=False)
+    layout = RunLayout(str(root), "local", "quickstart", RUN_ID)
+    store = open_store(str(root))
+    files = [ObjectInfo(i.key, i.size) for i in store.list(layout.prefix)]
+    write_manifest(
+        store, layout, files, lineage=ALIGNED_LINEAGE, metrics={"stages": ALIGNED_STAGES}
+    )
+    run = load_run(layout.run_uri)
+    return run, Document(render_report(run))
+
+
+def stage_rows(doc: Document) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Per stage name: its [name, type, steps] cells and its headline values by key."""
+    [table] = doc.root.find_all("table", class_="stages")
+    rows = {}
+    for tr in table.find_all("tr")[1:]:
+        cells = [td.text for td in tr.find_all("td")]
+        values = {
+            span.attrs["data-metric"]: span.find_all("span", class_="value")[0].text
+            for span in tr.find_all("span", class_="headline")
+        }
+        rows[cells[0]] = (cells[:3], values)
+    return rows
+
+
+def test_stages_section_shows_each_stage_headline(
+    aligned: tuple[RunArtifacts, Document],
+) -> None:
+    run, doc = aligned
+    assert run.stages[1]["name"] == "1-rewardmodel"
+    section = by_id(doc, "stages")
+    assert section is not None
+    assert [a.attrs["href"] for a in doc.root.find_all("a")].count("#stages") == 1
+    rows = stage_rows(doc)
+    assert list(rows) == ["0-dpo", "1-rewardmodel", "2-rlhf"]
+    assert rows["0-dpo"] == (
+        ["0-dpo", "DPO", "4"],
+        {
+            "margin": "+0.4200",
+            "accuracy": "0.8800",
+            "eval_margin": "+0.3000",
+            "eval_accuracy": "0.7500",
+        },
+    )
+    assert rows["1-rewardmodel"] == (
+        ["1-rewardmodel", "RewardModel", "3"],
+        {"accuracy": "0.5000 → 0.8125", "margin": "+0.0100 → +0.9000", "train_pairs": "120"},
+    )
+    assert rows["2-rlhf"] == (
+        ["2-rlhf", "RLHF (PPO)", "3"],
+        {"reward": "-0.1200 → 0.3500", "kl": "0.8000", "value_loss": "0.0200"},
+    )
+    for words in ("Reward margin", "Held-out accuracy", "Value loss"):
+        assert words in section.text
+
+
+def test_each_alignment_stage_has_a_figure(aligned: tuple[RunArtifacts, Document]) -> None:
+    run, doc = aligned
+    section = by_id(doc, "stages")
+    assert section is not None
+    figures = [f.attrs["id"] for f in section.find_all("figure")]
+    assert figures == ["plot-stage-0-dpo", "plot-stage-1-rewardmodel", "plot-stage-2-rlhf"]
+    for image in section.find_all("img"):
+        data = base64.b64decode(image.attrs["src"].removeprefix("data:image/png;base64,"))
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    alts = [i.attrs["alt"] for i in section.find_all("img")]
+    assert "reward margin, preference accuracy" in alts[0]
+    assert "training and validation" in alts[1]  # held-out accuracy before and after
+    assert alts[2].endswith("mean reward, KL to the reference, value loss")
+    # loss, learning rate, 3 stages, base vs tuned, token lengths
+    assert len(doc.root.find_all("figure")) == 7
+    assert [len(panels(s)) for s in run_stages(run)] == [2, 2, 3]
+
+
+def test_summary_has_a_line_per_alignment_stage(aligned: tuple[RunArtifacts, Document]) -> None:
+    run, _ = aligned
+    lines = summary_text(run).splitlines()
+    start = lines.index("stages")
+    assert lines[start + 1 : start + 4] == [
+        "  0-dpo: margin +0.42, accuracy 0.88, eval margin +0.30, eval accuracy 0.75",
+        "  1-rewardmodel: held-out accuracy 0.50 → 0.81, margin +0.01 → +0.90, 120 training pairs",
+        "  2-rlhf (PPO): reward -0.12 → 0.35, KL 0.80, value loss 0.02",
+    ]
+    assert lines[start + 4] == ""
+
+
+def test_a_plain_sft_run_has_no_stages_section(rich: tuple[RunArtifacts, str, Document]) -> None:
+    run, _, doc = rich
+    assert by_id(doc, "stages") is None
+    assert not any(a.attrs["href"] == "#stages" for a in doc.root.find_all("a"))
+    assert "stages\n" not in summary_text(run)
+    assert stage_plots(run) == []
+
+
+def test_stages_without_records_come_from_the_lineage_and_the_log(tmp_path: Path) -> None:
+    """The trainer renders before the manifest: the log gives what it can."""
+    work = tmp_path / "run"
+    (work / "logs").mkdir(parents=True)
+    (work / "logs" / "train.jsonl").write_bytes(_log_lines(ALIGNED_LOG))
+    uri = f"/out/local/job/{RUN_ID}"
+    run = load_folder(work, run_uri=uri, lineage=ALIGNED_LINEAGE)
+    assert run.stages == ()
+    rows = stage_rows(Document(render_report(run, plots=[])))
+    assert rows["1-rewardmodel"] == (
+        ["1-rewardmodel", "RewardModel", "3"],
+        {"train_accuracy": "0.9000"},
+    )
+    assert rows["2-rlhf"][1]["reward"] == "-0.1200 → 0.3500"
+    with_records = load_folder(work, run_uri=uri, lineage=ALIGNED_LINEAGE, stages=ALIGNED_STAGES)
+    rows = stage_rows(Document(render_report(with_records, plots=[])))
+    assert rows["1-rewardmodel"][1]["accuracy"] == "0.5000 → 0.8125"
+
+
+def test_stage_plots_say_how_to_get_them_without_matplotlib(
+    aligned: tuple[RunArtifacts, Document], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    run, _ = aligned
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else real(name, *a),
+    )
+    section = by_id(Document(render_report(run)), "stages")
+    assert section is not None
+    assert "plots need matplotlib" in section.text
+    assert not section.find_all("img")
+
+
+def test_log_records_go_to_their_stage_in_chain_order() -> None:
+    log = [
+        {"stage": "SFT", "step": 2, "loss": 1.0},
+        {"stage": "DPO", "step": 1, "rewards/margins": 0.1},
+        {"stage": "DPO", "step": 2, "rewards/margins": 0.2},
+        {"stage": "DPO", "step": 1, "rewards/margins": 0.5},  # the second DPO stage
+        {"stage": "DPO", "step": 3, "rewards/margins": 0.7},
+    ]
+    records = [
+        {"name": "0-sft", "type": "SFT", "steps": 2},
+        {"name": "1-dpo", "type": "DPO", "steps": 2},
+        {"name": "2-dpo", "type": "DPO", "steps": 3},
+    ]
+    run = RunArtifacts("/o/l/j/r", "r", "l", "j", train_log=tuple(log), stages=tuple(records))
+    stages = run_stages(run)
+    assert [(s.name, len(s.log)) for s in stages] == [("0-sft", 1), ("1-dpo", 2), ("2-dpo", 2)]
+    assert [summary_line(s) for s in stages[1:]] == ["1-dpo: margin +0.20", "2-dpo: margin +0.70"]
+    assert shows_stages(stages)
+    assert not shows_stages(stages[:1])
+
+
+def test_kto_margin_from_chosen_and_rejected_rewards() -> None:
+    log = [
+        {"step": 1, "rewards/chosen": 0.1},  # a batch of desirable examples only
+        {"step": 2, "rewards/chosen": 0.3, "rewards/rejected": -0.1},
+        {"step": 2, "eval_rewards/chosen": 0.2, "eval_rewards/rejected": 0.25},
+        {"step": 3, "rewards/margins": 0.5},
+    ]
+    assert margin_series(log) == [(2, pytest.approx(0.4)), (3, 0.5)]
+    assert margin_series(log, "eval_") == [(2, pytest.approx(-0.05))]
+    stage = Stage("1-kto", "KTO", 1, 3, {}, tuple(log))
+    assert [h.key for h in headlines(stage)] == ["margin", "eval_margin"]
+    assert summary_line(stage) == "1-kto: margin +0.50, eval margin -0.05"
+
+
+def test_rloo_and_grpo_stages_use_the_logged_reward() -> None:
+    log = tuple(
+        {"stage": "RLHF", "step": s, "reward": r, "reward_std": 0.2, "kl": k, "loss": 0.0}
+        for s, r, k in ((1, -0.3, 0.0), (2, 0.2, 0.05))
+    )
+    stage = Stage("2-rlhf", "RLHF", 2, 2, {"train_loss": 0.0}, log)
+    assert stage.title == "RLHF"  # RLOO and GRPO log the same keys
+    assert summary_line(stage) == "2-rlhf: reward -0.30 → 0.20, KL 0.05"
+    reward, kl = panels(stage)
+    assert reward.spread == [
+        (1, pytest.approx(-0.5), pytest.approx(-0.1)),
+        (2, pytest.approx(0.0), pytest.approx(0.4)),
+    ]
+    assert kl.train == [(1, 0.0), (2, 0.05)]
+    named = Stage("2-rlhf", "RLHF", 2, 2, {"algorithm": "GRPO"}, log)
+    assert summary_line(named).startswith("2-rlhf (GRPO): ")
+    assert stage_plot(named) is not None
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "signed", "text"),
+    [
+        (0.5, 0.8125, False, "0.50 → 0.81"),
+        (-0.3854, -0.3888, False, "-0.385 → -0.389"),
+        (0.0083, 0.0258, True, "+0.0083 → +0.026"),
+        (None, 0.0, True, "+0.00"),
+        (None, 1234.5, False, "1,234.50"),
+    ],
+    ids=["accuracy", "small-change", "small-margin", "zero", "large"],
+)
+def test_short_numbers(before: float | None, after: float, signed: bool, text: str) -> None:
+    assert Headline("k", "label", "short", after, before, signed).short_text() == text
+    assert short_number(0.123) == "0.12"
 
 
 # Summary ----------------------------------------------------------------------------------

@@ -91,6 +91,8 @@ class RunArtifacts:
         samples: the first `MAX_SAMPLES` records of `eval/samples.jsonl`.
         sample_count: how many records `eval/samples.jsonl` holds.
         train_log: the records of `logs/train.jsonl`.
+        stages: the manifest's `metrics.stages`, one record per training stage
+            (`{"name": "1-dpo", "type": "DPO", "steps": 6, "metrics": {…}}`).
         data_report: `data/report.json`.
         token_lengths: per split (`train`, `validation`), from the rows of the data files.
         files: the run's files (path and size; sha256 when published).
@@ -109,6 +111,7 @@ class RunArtifacts:
     samples: tuple[Mapping[str, Any], ...] = ()
     sample_count: int = 0
     train_log: tuple[Mapping[str, Any], ...] = ()
+    stages: tuple[Mapping[str, Any], ...] = ()
     data_report: Mapping[str, Any] | None = None
     token_lengths: Mapping[str, TokenLengths] = field(default_factory=dict)
     files: tuple[FileEntry, ...] = ()
@@ -209,6 +212,7 @@ def load_folder(
     created_at: str | None = None,
     files: Iterable[FileEntry | ObjectInfo] | None = None,
     paths: Mapping[str, str | Path] | None = None,
+    stages: Iterable[Mapping[str, Any]] | None = None,
 ) -> RunArtifacts:
     """Read a run from local files that are about to be published (no manifest yet).
 
@@ -223,6 +227,8 @@ def load_folder(
             or run-relative). Default: the files under `folder` and in `paths`.
         paths: run-relative keys read from elsewhere, e.g.
             `{"logs/train.jsonl": work / "train.jsonl"}`.
+        stages: the stage records the manifest will hold as `metrics.stages`; without
+            them the Stages section shows what the lineage and the training log give.
 
     Raises:
         ReportError: `run_uri` is not a run URI.
@@ -239,7 +245,7 @@ def load_folder(
         created_at=created_at,
         manifest_digest=None,
         lineage=lineage or {},
-        manifest_metrics={},
+        manifest_metrics={"stages": list(stages or [])},
         files=entries,
     )
 
@@ -453,6 +459,7 @@ def _collect(
         read(RunLayout.EVAL_SAMPLES), layout.uri_for(RunLayout.EVAL_SAMPLES), notes, MAX_SAMPLES
     )
     train_log, _ = _jsonl(read(TRAIN_LOG), layout.uri_for(TRAIN_LOG), notes)
+    stages = manifest_metrics.get("stages")
     data_report = _json(read(RunLayout.DATA_REPORT), layout.uri_for(RunLayout.DATA_REPORT), notes)
     lengths = {}
     for split, key in DATA_FILES.items():
@@ -472,6 +479,9 @@ def _collect(
         samples=tuple(samples),
         sample_count=sample_count,
         train_log=tuple(train_log),
+        stages=tuple(s for s in stages if isinstance(s, Mapping))
+        if isinstance(stages, list)
+        else (),
         data_report=data_report,
         token_lengths=lengths,
         files=tuple(files),

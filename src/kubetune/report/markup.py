@@ -42,6 +42,7 @@ th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: le
 thead th { background: var(--soft); font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 table.narrow { width: auto; min-width: 420px; }
+.headline .value { font-weight: 600; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .better { color: var(--good); } .worse { color: var(--bad); } .same { color: var(--muted); }
 .passed { color: var(--good); font-weight: 600; } .failed { color: var(--bad); font-weight: 600; }
 figure { margin: 14px 0 22px; } figure img { max-width: 100%; height: auto; }

@@ -1,5 +1,6 @@
-"""The report's plots as PNG images: loss and learning rate vs step, base vs tuned metrics,
-token lengths, and quantized variants' size and perplexity.
+"""The report's plots as PNG images: loss and learning rate vs step, the alignment metrics
+of each stage (`stage_plots`), base vs tuned metrics, token lengths, and quantized
+variants' size and perplexity.
 
 matplotlib is imported only when a plot is drawn, through its object-oriented API
 (`matplotlib.figure.Figure` on the Agg canvas): no pyplot, no GUI backend, no global state
@@ -44,8 +45,8 @@ class Plot:
     """One rendered plot.
 
     Attributes:
-        name: a file-name stem: `loss`, `learning-rate`, `metrics`, `token-lengths` or
-            `quantized`.
+        name: a file-name stem: `loss`, `learning-rate`, `stage-<stage name>` (e.g.
+            `stage-1-dpo`), `metrics`, `token-lengths` or `quantized`.
         title: the heading shown above it.
         alt: the text alternative (what it shows).
         png: the PNG bytes.
@@ -70,11 +71,18 @@ def build_plots(run: RunArtifacts) -> list[Plot]:
     """Every plot the run has data for, in report order (none without matplotlib)."""
     if matplotlib_missing():
         return []
-    builders = (loss_plot, learning_rate_plot, metrics_plot, token_plot, quantized_plot)
-    return [plot for build in builders if (plot := build(run)) is not None]
+    # Imported here: stage plots draw with this module's helpers.
+    from kubetune.report.stage_plots import stage_plots
+
+    plots = [plot for build in (loss_plot, learning_rate_plot) if (plot := build(run))]
+    plots += stage_plots(run)
+    builders = (metrics_plot, token_plot, quantized_plot)
+    return plots + [plot for build in builders if (plot := build(run)) is not None]
 
 
-def _figure(width: float, height: float, columns: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
+def new_figure(width: float, height: float, columns: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
+    """A figure of `width` x `height` inches with one row of `columns` axes (keyword
+    arguments go to `Figure.subplots`)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
@@ -89,16 +97,36 @@ def _png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def _plot(name: str, title: str, alt: str, figure: Figure) -> Plot:
+def plot_of(name: str, title: str, alt: str, figure: Figure) -> Plot:
+    """The figure rendered as a `Plot`, shown at its size."""
     width = int(figure.get_figwidth() * 96)
     return Plot(name=name, title=title, alt=alt, png=_png(figure), width=width)
 
 
-def _style(axes: Axes) -> None:
+def style_axes(axes: Axes) -> None:
+    """The report's look: a light grid behind the data, no top and right spines."""
     axes.grid(True, color="#e2e8f0", linewidth=0.8)
     axes.set_axisbelow(True)
     for side in ("top", "right"):
         axes.spines[side].set_visible(False)
+
+
+def log_scale(axes: Axes, values: Sequence[float]) -> bool:
+    """Put the y axis on a log scale, with plain tick labels, when the values are all
+    positive and span more than a factor of 20 (a loss that falls fast); returns whether it
+    did."""
+    positive = [v for v in values if v > 0]
+    if not positive or len(positive) != len(values) or max(positive) / min(positive) <= 20:
+        return False
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    axes.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    axes.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    axes.yaxis.set_major_formatter(plain)
+    axes.yaxis.set_minor_formatter(plain)
+    axes.tick_params(axis="y", which="both", labelsize=8)
+    return True
 
 
 # Training log -------------------------------------------------------------------------
@@ -160,8 +188,8 @@ def loss_plot(run: RunArtifacts) -> Plot | None:
     if not train and not validation:
         return None
     offsets = stage_offsets(run.train_log)
-    figure, axes = _figure(8, 3.6)
-    _style(axes)
+    figure, axes = new_figure(8, 3.6)
+    style_axes(axes)
     values: list[float] = []
     several = len(offsets) > 1
     for index, stage in enumerate(offsets):
@@ -184,24 +212,12 @@ def loss_plot(run: RunArtifacts) -> Plot | None:
                 label="validation loss" + suffix,
             )
             values += ys
-    positive = [v for v in values if v > 0]
-    if len(positive) == len(values) and positive and max(positive) / min(positive) > 20:
-        from matplotlib.ticker import FuncFormatter, LogLocator
-
-        axes.set_yscale("log")
-        plain = FuncFormatter(lambda value, _: f"{value:g}")
-        axes.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
-        axes.yaxis.set_major_formatter(plain)
-        axes.yaxis.set_minor_formatter(plain)
-        axes.tick_params(axis="y", which="both", labelsize=8)
-        axes.set_ylabel("loss (log scale)")
-    else:
-        axes.set_ylabel("loss")
+    axes.set_ylabel("loss (log scale)" if log_scale(axes, values) else "loss")
     axes.set_xlabel("optimizer step" + (" (stages one after another)" if several else ""))
     axes.set_title("Training and validation loss")
     _mark_stages(axes, offsets)
     axes.legend(frameon=False)
-    return _plot(
+    return plot_of(
         "loss",
         "Training and validation loss",
         "Line chart of training loss and validation loss (eval_loss) per optimizer step",
@@ -215,9 +231,9 @@ def learning_rate_plot(run: RunArtifacts) -> Plot | None:
     series = log_series(run.train_log, "learning_rate")
     if not series:
         return None
-    figure, axes = _figure(8, 2.8, len(series), squeeze=False)
+    figure, axes = new_figure(8, 2.8, len(series), squeeze=False)
     for index, (ax, (stage, points)) in enumerate(zip(axes[0], series.items(), strict=True)):
-        _style(ax)
+        style_axes(ax)
         xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, color=STAGE_COLORS[index % len(STAGE_COLORS)], marker=".")
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
@@ -226,7 +242,7 @@ def learning_rate_plot(run: RunArtifacts) -> Plot | None:
             ax.set_title(stage or "stage", fontsize=9)
     axes[0][0].set_ylabel("learning rate")
     figure.suptitle("Learning rate schedule", fontsize=11)
-    return _plot(
+    return plot_of(
         "learning-rate",
         "Learning rate",
         "Line chart of the learning rate per optimizer step"
@@ -266,7 +282,7 @@ def metrics_plot(run: RunArtifacts) -> Plot | None:
     if not panels:
         return None
     widths = [max(len(rows), 2) for _, rows in panels]
-    figure, axes = _figure(
+    figure, axes = new_figure(
         min(11.0, max(6.0, 0.8 * sum(widths) + 1.5)),
         3.8,
         len(panels),
@@ -276,7 +292,7 @@ def metrics_plot(run: RunArtifacts) -> Plot | None:
     has_base = any(r.base is not None for _, rows in panels for r in rows)
     crowded = {"fontsize": 6.5, "rotation": 90} if sum(widths) > 8 else {"fontsize": 7}
     for ax, (title, rows) in zip(axes[0], panels, strict=True):
-        _style(ax)
+        style_axes(ax)
         ax.grid(axis="x", visible=False)
         positions = list(range(len(rows)))
         width = 0.38 if has_base else 0.6
@@ -307,7 +323,7 @@ def metrics_plot(run: RunArtifacts) -> Plot | None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, frameon=False, fontsize=8, loc="outside upper right")
     figure.suptitle("Base vs tuned model", fontsize=11)
-    return _plot(
+    return plot_of(
         "metrics",
         "Base vs tuned",
         "Grouped bar chart of each evaluation metric for the base and the tuned model",
@@ -349,8 +365,8 @@ def _max_seq_length(run: RunArtifacts) -> int | None:
 
 
 def _token_histogram(lengths: Mapping[str, TokenLengths], limit: int | None) -> Plot:
-    figure, axes = _figure(8, 3.4)
-    _style(axes)
+    figure, axes = new_figure(8, 3.4)
+    style_axes(axes)
     everything = [v for split in lengths.values() for v in split.values]
     bins = histogram_bins(everything)
     colors = {"train": TUNED_COLOR, "validation": EVAL_COLOR}
@@ -388,7 +404,7 @@ def _token_histogram(lengths: Mapping[str, TokenLengths], limit: int | None) -> 
     axes.set_ylabel("share of examples (%)")
     axes.set_title("Token lengths")
     axes.legend(frameon=False, fontsize=8)
-    return _plot(
+    return plot_of(
         "token-lengths",
         "Token lengths",
         "Histogram of tokens per example in the training and validation sets",
@@ -398,8 +414,8 @@ def _token_histogram(lengths: Mapping[str, TokenLengths], limit: int | None) -> 
 
 def _token_percentiles(tokens: Mapping[str, Any]) -> Plot | None:
     marks = (("min", 0), ("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
-    figure, axes = _figure(8, 3.2)
-    _style(axes)
+    figure, axes = new_figure(8, 3.2)
+    style_axes(axes)
     drawn = False
     for split, stats in tokens.items():
         if not isinstance(stats, Mapping):
@@ -416,7 +432,7 @@ def _token_percentiles(tokens: Mapping[str, Any]) -> Plot | None:
     axes.set_ylabel("tokens per example")
     axes.set_title("Token lengths (percentiles from data/report.json)")
     axes.legend(frameon=False, fontsize=8)
-    return _plot(
+    return plot_of(
         "token-lengths",
         "Token lengths",
         "Token-length percentiles (min, p50, p90, p99, max) of the training and validation sets",
@@ -434,20 +450,20 @@ def quantized_plot(run: RunArtifacts) -> Plot | None:
         return None
     reference = merged_reference(run)
     shown: list[QuantVariant] = ([reference] if reference else []) + variants
-    figure, (left, right) = _figure(8, 3.4, 2)
+    figure, (left, right) = new_figure(8, 3.4, 2)
     names = [v.scheme for v in shown]
     colors = [BASE_COLOR if v.scheme == "merged" else TUNED_COLOR for v in shown]
     sizes = [v.size_bytes for v in shown]
     largest = max((s for s in sizes if s), default=0)
     unit, scale = ("GB", 1e9) if largest >= 1e9 else ("MB", 1e6)
-    _style(left)
+    style_axes(left)
     left.grid(axis="x", visible=False)
     bars = left.bar(names, [(s or 0) / scale for s in sizes], color=colors)
     left.bar_label(bars, labels=[f"{s / scale:.1f}" if s else "n/a" for s in sizes], fontsize=8)
     left.set_ylabel(f"size on disk ({unit})")
     left.set_title("Size", fontsize=9)
     left.margins(y=0.15)
-    _style(right)
+    style_axes(right)
     right.grid(axis="x", visible=False)
     perplexities = [v.perplexity for v in shown]
     bars = right.bar(names, [p or 0 for p in perplexities], color=colors)
@@ -467,7 +483,7 @@ def quantized_plot(run: RunArtifacts) -> Plot | None:
     right.set_title("Perplexity on the validation set", fontsize=9)
     right.margins(y=0.25)
     figure.suptitle("Quantized variants vs the merged model", fontsize=11)
-    return _plot(
+    return plot_of(
         "quantized",
         "Quantized variants",
         "Bar charts of the size and the perplexity of each quantized variant and of the "

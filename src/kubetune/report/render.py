@@ -52,6 +52,7 @@ def render_report(run: RunArtifacts, *, plots: Sequence[Plot] | None = None) -> 
         _gate(run),
         _metrics(run, drawn),
         _training(run, drawn),
+        sections.stages(run, drawn, _missing_plot_note("Stage plots")),
         _quantized(run, drawn),
         _artifacts(run),
         sections.samples(run, MAX_SAMPLE_ROWS),
@@ -77,6 +78,7 @@ def render_unpublished(
     lineage: Mapping[str, Any] | None = None,
     created_at: str | None = None,
     files: Iterable[FileEntry | ObjectInfo] | None = None,
+    stages: Iterable[Mapping[str, Any]] | None = None,
 ) -> str:
     """The report of a run being published (the trainer, before the manifest).
 
@@ -90,6 +92,8 @@ def render_unpublished(
         created_at: the time the manifest will record.
         files: the files uploaded so far (the `ObjectInfo`s of `put_file`), for the
             artifacts table; default: the files of `paths`.
+        stages: the stage records the manifest will hold as `metrics.stages`
+            (`{"name", "type", "steps", "metrics"}` per stage), for the Stages section.
     """
     return render_report(
         load_folder(
@@ -99,6 +103,7 @@ def render_unpublished(
             created_at=created_at,
             files=files,
             paths=paths,
+            stages=stages,
         )
     )
 
@@ -158,6 +163,7 @@ SECTION_TITLES = {
     "gate": "Gate",
     "metrics": "Metrics",
     "training": "Training",
+    "stages": "Stages",
     "quantized": "Quantized",
     "artifacts": "Artifacts",
     "samples": "Samples",

@@ -1,5 +1,6 @@
-"""The report's sample table (prompt, reference, base and tuned answers, exact-match marks,
-judge verdicts) and data summary (`data/report.json`)."""
+"""The report's training stages (headline metrics per stage and their plots), sample table
+(prompt, reference, base and tuned answers, exact-match marks, judge verdicts) and data
+summary (`data/report.json`)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,84 @@ from collections.abc import Mapping
 from typing import Any
 
 from kubetune.report.artifacts import RunArtifacts
-from kubetune.report.markup import esc, key_values, table
+from kubetune.report.markup import esc, figure, key_values, table
+from kubetune.report.plots import Plot
+from kubetune.report.stages import (
+    PREFERENCE_TYPES,
+    REWARD_MODEL,
+    RLHF,
+    Stage,
+    headlines,
+    run_stages,
+    shows_stages,
+)
 from kubetune.report.views import exact_match, number, section
 
 MAX_CELL_CHARS = 2000
 """Longer prompts and answers are cut (the full text is in eval/samples.jsonl)."""
 
 MAX_PROBLEMS = 10
+
+
+GLOSSARY = (
+    (
+        PREFERENCE_TYPES,
+        "<strong>Reward margin</strong>: the mean of chosen minus rejected implicit rewards "
+        "(β times the log-probability ratio to the reference model); it starts at 0 and grows "
+        "as the model learns the preferences (KTO has one only for batches holding both "
+        "kinds of example). <strong>Preference accuracy</strong>: the share of pairs whose "
+        "chosen answer gets the higher reward.",
+    ),
+    (
+        frozenset({REWARD_MODEL}),
+        "<strong>Held-out accuracy</strong>: the share of validation pairs the reward model "
+        "scores chosen above rejected, before → after training (0.5 is chance); the "
+        "<strong>margin</strong> is the mean score difference.",
+    ),
+    (
+        frozenset({RLHF}),
+        "<strong>Mean reward</strong>: the reward model's mean score of the policy's "
+        "answers, first → last step. <strong>KL</strong>: how far the policy has moved from "
+        "the reference model (the KL penalty keeps it small). <strong>Value loss</strong> "
+        "(PPO): the value head's error; it should fall.",
+    ),
+)
+
+
+def stages(run: RunArtifacts, plots: Mapping[str, Plot], missing_plots: str) -> str:
+    """The Stages section ("" for a run of one SFT stage): a row per stage with its headline
+    metrics, a glossary, and each alignment stage's figure (or `missing_plots`)."""
+    found = run_stages(run)
+    if not shows_stages(found):
+        return ""
+    rows = [
+        [
+            esc(stage.name),
+            esc(stage.title),
+            esc(f"{stage.steps:,}" if stage.steps is not None else "-"),
+            _headline_cell(stage),
+        ]
+        for stage in found
+    ]
+    body = table(["Stage", "Type", "Steps", "Headline metrics"], rows, numeric=(2,), css="stages")
+    kinds = {s.type for s in found}
+    notes = " ".join(text for types, text in GLOSSARY if kinds & types)
+    glossary = f'<p class="muted">{notes}</p>' if notes else ""
+    charts = "".join(figure(plots.get(s.plot_name)) for s in found if s.aligned)
+    if not charts and any(s.aligned and s.log for s in found):
+        charts = missing_plots
+    return f'<section id="stages"><h2>Training stages</h2>{body}{glossary}{charts}</section>'
+
+
+def _headline_cell(stage: Stage) -> str:
+    found = headlines(stage)
+    if not found:
+        return '<span class="muted">not recorded</span>'
+    return "<br>".join(
+        f'<span class="headline" data-metric="{esc(h.key)}">{esc(h.label)} '
+        f'<span class="value">{esc(h.html_text())}</span></span>'
+        for h in found
+    )
 
 
 def clip(text: str) -> str:

@@ -1,10 +1,11 @@
-"""The plain-text summary `kubetune report` prints: the run, base vs tuned metrics, the gate,
-and the artifacts with their sizes."""
+"""The plain-text summary `kubetune report` prints: the run, the headline of each alignment
+stage, base vs tuned metrics, the gate, and the artifacts with their sizes."""
 
 from __future__ import annotations
 
 from kubetune.report.artifacts import RunArtifacts
 from kubetune.report.render import dataset_digest
+from kubetune.report.stages import run_stages, summary_line
 from kubetune.report.views import (
     artifact_groups,
     format_metric,
@@ -41,6 +42,11 @@ def summary_text(run: RunArtifacts) -> str:
     digest = dataset_digest(run)
     if digest:
         lines.append(f"dataset   {digest}")
+    aligned = [stage for stage in run_stages(run) if stage.aligned]
+    if aligned:
+        lines.append("")
+        lines.append("stages")
+        lines += [f"  {summary_line(stage)}" for stage in aligned]
     lines.append("")
     rows = metric_rows(run.metrics)
     if rows:

@@ -119,12 +119,14 @@ def publish_eval(
     *,
     uploaded: list[ObjectInfo],
     created_at: datetime,
+    stages: list[dict[str, Any]] | None = None,
 ) -> list[ObjectInfo]:
     """Write and upload eval/metrics.json, eval/samples.jsonl, eval/suites.jsonl (per-item
     suite predictions) and eval/report.html; `local_files` maps run-relative paths the
     report reads (logs/train.jsonl, data/…) to local copies; those are uploaded too
     unless already in the store. `uploaded` (the run's files so far) and `created_at` (the
-    manifest's time) go into the report's artifacts table and header."""
+    manifest's time) go into the report's artifacts table and header; `stages` (the chain's
+    per-stage records) into its Stages section."""
     folder = work_dir / "eval"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -155,6 +157,7 @@ def publish_eval(
         lineage=record.lineage,
         created_at=created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
         files=[*uploaded, *infos],
+        stages=stages,
     )
     (folder / "report.html").write_text(html, encoding="utf-8")
     infos.append(store.put_file(folder / "report.html", layout.key(layout.EVAL_REPORT)))

@@ -230,6 +230,7 @@ def run_pipeline(
         },
         uploaded=files,
         created_at=now,
+        stages=stage_records,
     )
     if (work_dir / "tensorboard").is_dir():
         files += _upload_folder(store, layout, work_dir / "tensorboard", "tensorboard/")

@@ -84,6 +84,19 @@ def planned_steps(prompts: int, training: TrainingSpec) -> int:
     return max(1, math.ceil(prompts / training.batch_size)) * (training.epochs or 1)
 
 
+def add_reference_adapter(model: Any) -> str:
+    """A frozen copy of the policy's adapter, as TRL makes for RLOO and GRPO: the reference
+    is the policy as the stage starts (after SFT, the SFT policy), without a second copy of
+    the base weights."""
+    model.add_adapter(REFERENCE_ADAPTER, model.peft_config["default"])
+    for name, parameter in model.named_parameters():
+        if ".default." in name:
+            copy_of = model.get_parameter(name.replace(".default.", f".{REFERENCE_ADAPTER}."))
+            copy_of.data.copy_(parameter.data)
+            copy_of.requires_grad_(False)
+    return REFERENCE_ADAPTER
+
+
 def check_rlhf(settings: RLHFSpec) -> None:
     """Refuse settings RLOO and GRPO cannot run with."""
     if settings.algorithm != RLHFAlgorithm.PPO and settings.num_generations < 2:
@@ -114,9 +127,10 @@ def run_rlhf_stage(
         f"{STAGE} ({settings.algorithm.value}): {len(prompts)} prompts, reward model "
         f"{ctx.layout.uri_for('reward-model/')}"
     )
-    if settings.algorithm == RLHFAlgorithm.PPO:
-        return _run_ppo(ctx, layout, model, prompts, scorer, settings, training)
-    return _run_trl(ctx, layout, model, prompts, scorer, settings, training)
+    run = _run_ppo if settings.algorithm == RLHFAlgorithm.PPO else _run_trl
+    result = run(ctx, layout, model, prompts, scorer, settings, training)
+    result.metrics["algorithm"] = settings.algorithm.value
+    return result
 
 
 def _run_trl(
@@ -201,8 +215,12 @@ def _run_ppo(
 
     steps = planned_steps(len(prompts), training)
     keep = (training.checkpoint or CheckpointSpec()).keep
-    reference = None
-    if not hasattr(model, "peft_config"):
+    # The reference is the policy as it entered the stage, taken before a resumed
+    # checkpoint's weights are loaded.
+    reference, reference_adapter = None, None
+    if hasattr(model, "peft_config"):
+        reference_adapter = add_reference_adapter(model)
+    else:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     start, state = 0, None
     resume = checkpointing.download_latest(ctx.store, layout, ctx.work_dir / "resume-rlhf")
@@ -255,9 +273,12 @@ def _run_ppo(
                 checkpoint=save,
                 checkpoint_every=(training.checkpoint or CheckpointSpec()).every_steps,
                 stop=lambda: stop["requested"],
+                reference_adapter=reference_adapter,
             )
         finally:
             signal.signal(signal.SIGTERM, previous)
+            if reference_adapter is not None:
+                model.delete_adapter(reference_adapter)
         if result.stopped_at is not None:
             raise Preempted(
                 f"stopped by SIGTERM in {STAGE} at step {result.stopped_at} (checkpoint saved)"

@@ -63,7 +63,8 @@ class StageResult:
     model: PreTrainedModel
     steps: int
     resumed_from_step: int | None
-    metrics: dict[str, float]
+    metrics: dict[str, Any]
+    """Final numbers of the stage (and, for RLHF, its `algorithm`)."""
     log: Path
 
 

@@ -6,7 +6,8 @@ One PPO step, as `train_ppo` runs it:
 2. Generate a completion for each with sampling (the rollouts); a completion ends at its
    first EOS, the tokens after it are padding.
 3. Without gradients, compute the log-probability of every sampled token under the policy
-   (old log-probs), under the reference (the same model with the LoRA adapter disabled),
+   (old log-probs), under the reference (for a LoRA policy a frozen copy of the adapter
+   the stage started from, or the base with the adapter disabled; else a frozen model),
    and the value head's estimate of the reward still to come.
 4. Score each prompt + completion with the reward function (the reward model).
 5. Turn the score into per-token rewards (score on the last token, a KL penalty on every
@@ -177,12 +178,14 @@ def train_ppo(
     checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
     checkpoint_every: int = 0,
     stop: Callable[[], bool] | None = None,
+    reference_adapter: str | None = None,
 ) -> PPOResult:
     """Train `policy` with PPO against `reward_fn` for `steps` batches of rollouts.
 
     Args:
-        policy: the model to train. A PEFT (LoRA/QLoRA) model is its own reference with
-            the adapter disabled; a plain model needs `reference`.
+        policy: the model to train. A PEFT (LoRA/QLoRA) model is its own reference, with
+            `reference_adapter` active or with the adapter disabled; a plain model needs
+            `reference`.
         tokenizer: its tokenizer, with the chat template the prompts are rendered with.
         prompts: conversations (chat messages) ending before the assistant's turn.
         reward_fn: scores (rendered prompts, completion texts without special tokens).
@@ -207,6 +210,9 @@ def train_ppo(
             step, and when `stop` ends the run early.
         checkpoint_every: steps between checkpoints (0: only at the end and on stop).
         stop: polled after each step; True ends the run early (e.g. on SIGTERM).
+        reference_adapter: for a PEFT policy, a frozen adapter to use as the reference
+            (e.g. a copy of the adapter the stage started from) instead of the base with
+            the adapter disabled.
     """
     settings = ppo_settings(spec)
     _check_policy(policy, reference)
@@ -219,6 +225,7 @@ def train_ppo(
     learner = _Learner(
         policy=policy,
         reference=reference,
+        reference_adapter=reference_adapter,
         value_head=value_head,
         optimizer=torch.optim.AdamW([*trainable, *value_head.parameters()], lr=learning_rate),
         settings=settings,
@@ -285,6 +292,7 @@ class _Learner:
 
     policy: PreTrainedModel
     reference: PreTrainedModel | None
+    reference_adapter: str | None
     value_head: ValueHead
     optimizer: torch.optim.Optimizer
     settings: PPOSettings
@@ -310,7 +318,11 @@ class _Learner:
             for rows in torch.arange(len(scores)).split(self.mini_batch_size):
                 chunk = rollouts.select(rows)
                 old.append(response_logprobs(self.policy, chunk, temperature, self.value_head))
-                ref.append(reference_logprobs(self.policy, self.reference, chunk, temperature))
+                ref.append(
+                    reference_logprobs(
+                        self.policy, self.reference, chunk, temperature, self.reference_adapter
+                    )
+                )
         logprobs = torch.cat([chunk_logprobs for chunk_logprobs, _ in old])
         values = torch.cat([chunk_values for _, chunk_values in old if chunk_values is not None])
         ref_logprobs = torch.cat(ref)

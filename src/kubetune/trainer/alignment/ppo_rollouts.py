@@ -149,11 +149,21 @@ def reference_logprobs(
     reference: PreTrainedModel | None,
     rollouts: Rollouts,
     temperature: float,
+    reference_adapter: str | None = None,
 ) -> Tensor:
-    """Log-probabilities under the reference: the separate `reference` model when given,
-    else the policy itself with its PEFT adapter disabled (the frozen base weights)."""
+    """Log-probabilities under the reference: the separate `reference` model when given;
+    else the policy with its frozen `reference_adapter` active (e.g. a copy of the adapter
+    as the stage began); else the policy with its PEFT adapter disabled (the base)."""
     with torch.no_grad():
         if reference is not None:
             return response_logprobs(reference, rollouts, temperature)[0]
-        with cast(Any, policy).disable_adapter():
+        peft_model = cast(Any, policy)
+        if reference_adapter is None:
+            with peft_model.disable_adapter():
+                return response_logprobs(policy, rollouts, temperature)[0]
+        active = peft_model.active_adapter
+        peft_model.set_adapter(reference_adapter)
+        try:
             return response_logprobs(policy, rollouts, temperature)[0]
+        finally:
+            peft_model.set_adapter(active)
