@@ -98,3 +98,21 @@ def test_dpo_log_line_shows_reward_margin_and_accuracy(tmp_path: Path) -> None:
     )
     line = progress.line(record)
     assert line.startswith("DPO step 4/10 | loss 0.6542 | margin 0.0213 | reward acc 0.75")
+
+
+def test_the_phase_gauge_is_what_the_operator_reads() -> None:
+    from datetime import datetime, timezone
+
+    from prometheus_client import generate_latest
+
+    from kubetune.api.v1alpha1.status import JobStage
+    from kubetune.operator.progress import parse_metrics
+    from kubetune.trainer.progress import PHASES, Metrics
+
+    metrics = Metrics(0)
+    seen = []
+    for phase in PHASES:
+        metrics.set_phase(phase)
+        text = generate_latest(metrics.registry).decode()
+        seen.append(parse_metrics(text, datetime.now(timezone.utc)).phase)
+    assert seen == [JobStage(p) for p in PHASES]

@@ -106,7 +106,25 @@ def _headline(metrics: dict[str, Any]) -> dict[str, str]:
 def run_pipeline(
     config: TrainerConfig, *, work_dir: Path, log: Log, metrics_port: int = 0
 ) -> TrainerResult:
-    """Run (or resume) the whole job; returns the result for the termination message."""
+    """Run (or resume) the whole job; returns the result for the termination message.
+    With `metrics_port`, progress and the current pipeline step are served for Prometheus
+    and the operator for the whole run."""
+    gauges = Metrics(metrics_port) if metrics_port else None
+    try:
+        return _run_pipeline(config, work_dir=work_dir, log=log, gauges=gauges)
+    finally:
+        if gauges is not None:
+            gauges.close()
+
+
+def _phase(gauges: Metrics | None, phase: str) -> None:
+    if gauges is not None:
+        gauges.set_phase(phase)
+
+
+def _run_pipeline(
+    config: TrainerConfig, *, work_dir: Path, log: Log, gauges: Metrics | None
+) -> TrainerResult:
     import torch
 
     spec = config.spec
@@ -117,6 +135,7 @@ def run_pipeline(
         log(f"Run already complete: {layout.run_uri}")
         return _result_from_manifest(store, layout)
     log(f"Run {layout.run_uri}")
+    _phase(gauges, "Preparing")
     resolved = resolve_model(spec.model, allow_builtin_random=config.allow_builtin_random)
     _check_export(spec, resolved)
     tokenizer = models.tokenizer_for(resolved, spec)
@@ -151,29 +170,26 @@ def run_pipeline(
     trainable, total = models.trainable_parameters(model)
     log(f"Training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f} %)")
     _continue_log(store, layout, work_dir)
-    gauges = Metrics(metrics_port) if metrics_port else None
-    try:
-        stage = stages.run_stages(
-            spec,
-            model,
-            tokenizer,
-            stage_data,
-            resolved=resolved,
-            store=store,
-            layout=layout,
-            work_dir=work_dir,
-            precisions=precisions,
-            cuda=cuda,
-            checkpointing_on=checkpointing,
-            metrics=gauges,
-            max_validation=evaluation.max_samples,
-            log=log,
-        )
-    finally:
-        if gauges is not None:
-            gauges.close()
+    _phase(gauges, "Training")
+    stage = stages.run_stages(
+        spec,
+        model,
+        tokenizer,
+        stage_data,
+        resolved=resolved,
+        store=store,
+        layout=layout,
+        work_dir=work_dir,
+        precisions=precisions,
+        cuda=cuda,
+        checkpointing_on=checkpointing,
+        metrics=gauges,
+        max_validation=evaluation.max_samples,
+        log=log,
+    )
     trained_dir = export.save_trained(spec, stage.model, tokenizer, work_dir / "trained")
     files = _upload_folder(store, layout, trained_dir, export.trained_folder_name(spec) + "/")
+    _phase(gauges, "Evaluating")
     log("Evaluating the tuned model")
     tuned = eval_stage.score_model(
         stage.model, tokenizer, inputs, evaluation, training.batch_size, log
@@ -189,6 +205,7 @@ def run_pipeline(
     del model, stage  # the export stage loads what it needs; free the training copy
     _free_accelerator_memory()
 
+    _phase(gauges, "Exporting")
     exported = export_stage.run_export(
         spec,
         resolved,
@@ -217,6 +234,7 @@ def run_pipeline(
         summary["merged"] = exported.merged
     lineage = _lineage(spec, resolved, layout, data.report, steps, gate_passed)
     now = datetime.now(timezone.utc)
+    _phase(gauges, "Publishing")
     files += publish_eval(
         store,
         layout,

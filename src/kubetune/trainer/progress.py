@@ -26,6 +26,10 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
+PHASES = ("Preparing", "Training", "Evaluating", "Exporting", "Publishing")
+"""The pipeline's steps, in order, as the `kubetune_trainer_phase` gauge labels them."""
+
+
 class Metrics:
     """The Prometheus gauges of the trainer (one set per process)."""
 
@@ -47,9 +51,18 @@ class Metrics:
         self.epoch = gauge("epoch", "Current epoch")
         self.gpu_memory = gauge("gpu_memory_bytes", "Peak GPU memory allocated")
         self.stage_info = gauge("stage_info", "1 for the stage running now", ("stage", "index"))
+        self.phase = gauge(
+            "phase", "1 for the pipeline step running now, 0 for the others", ("phase",)
+        )
         self.server = None
         if port:
             self.server, _ = start_http_server(port, registry=self.registry)
+
+    def set_phase(self, phase: str) -> None:
+        """Mark the pipeline step running now (Preparing, Training, Evaluating, Exporting,
+        Publishing); the operator shows it as `status.stage`."""
+        for name in PHASES:
+            self.phase.labels(name).set(1 if name == phase else 0)
 
     def close(self) -> None:
         if self.server is not None:
