@@ -88,7 +88,15 @@ def run_reward_stage(
     start = policy_folder(ctx, model, ctx.work_dir / "reward-start")
     keep = (training.checkpoint or CheckpointSpec()).keep
     resume = checkpointing.download_latest(ctx.store, layout, ctx.work_dir / "resume-reward")
+    if ctx.cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
     result = _train(ctx, layout, start, train_path, validation_path, training, spec, keep, resume)
+    metrics = result.metrics()
+    if ctx.cuda:
+        metrics["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        metrics["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     files = [
         ctx.store.put_file(path, ctx.layout.key(REWARD_MODEL_DIR + path.name))
         for path in sorted(result.folder.iterdir())
@@ -101,7 +109,7 @@ def run_reward_stage(
         model=model,
         steps=result.steps,
         resumed_from_step=result.resumed_from_step,
-        metrics=result.metrics(),
+        metrics=metrics,
         log=ctx.log_path,
     )
     return stage_result, result.folder
