@@ -283,12 +283,14 @@ def _finished_at(pod: Mapping[str, Any]) -> datetime | None:
     return max((t for t in times if t is not None), default=None)
 
 
-def _leader_first(pod: Mapping[str, Any]) -> tuple[bool, datetime]:
+def _leader_first(pod: Mapping[str, Any]) -> tuple[bool, datetime, bool]:
     """Sort key: the pod of completion index 0 (the one that writes the result of a
-    multi-node run), then the latest to finish."""
+    multi-node run), then the latest to finish. Times have one-second resolution; of two
+    pods that finished in the same second, the one that succeeded is the later (nothing
+    runs after a success)."""
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
     leader = annotations.get(names.ANNOTATION_COMPLETION_INDEX, "0") == "0"
-    return leader, _finished_at(pod) or _created(pod)
+    return leader, _finished_at(pod) or _created(pod), _phase(pod) == "Succeeded"
 
 
 def latest_result(pods: Sequence[Mapping[str, Any]]) -> TrainerResult | None:
@@ -504,7 +506,9 @@ def _active_verdict(
         return _Verdict(
             stage, ConditionStatus.UNKNOWN, Reason.RUNNING, f"{stage.value} run {run_id}{attempt}"
         )
-    newest = max(pods, key=_created) if pods else None
+    # Creation times have one-second resolution: of two pods created in the same second (a
+    # pod that failed at once and its replacement), the one still to run is the newer.
+    newest = max(pods, key=lambda p: (_created(p), _phase(p) == "Pending")) if pods else None
     if newest is not None and _phase(newest) == "Pending" and not disruption(newest):
         # The first pod, or the replacement of a failed or preempted one, waiting to run.
         last = _last_error([p for p in pods if p is not newest], result)

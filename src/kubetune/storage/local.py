@@ -180,10 +180,14 @@ class LocalStore:
         except OSError as exc:
             raise self._error(exc, key, writing=False) from exc
 
-    def open_read(self, key: str) -> BinaryIO:
-        """Open an object for streaming reads."""
+    def open_read(self, key: str, offset: int = 0) -> BinaryIO:
+        """Open an object for streaming reads, positioned at byte `offset`."""
+        if offset < 0:
+            raise ValueError(f"negative offset {offset} reading {self.uri_for(key)}")
         try:
-            return open(self._path(key), "rb")
+            stream = open(self._path(key), "rb")  # noqa: SIM115 - the caller closes it
+            stream.seek(offset)
+            return stream
         except IsADirectoryError as exc:
             raise self._error(FileNotFoundError(str(exc)), key, writing=False) from exc
         except OSError as exc:

@@ -83,8 +83,9 @@ class Store(Protocol):
         """Read a small object whole."""
         ...
 
-    def open_read(self, key: str) -> BinaryIO:
-        """A streaming binary reader; close it (or use `with`)."""
+    def open_read(self, key: str, offset: int = 0) -> BinaryIO:
+        """A streaming binary reader from byte `offset` (a ranged read when it is above 0,
+        which must then be less than the object's size); close it (or use `with`)."""
         ...
 
     def exists(self, key: str) -> bool:
