@@ -8,8 +8,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kubetune import __version__
+
+if TYPE_CHECKING:
+    from kubetune.api.v1alpha1.modeldeployment import Variant
 
 
 @dataclass(frozen=True)
@@ -283,6 +287,90 @@ def cmd_calc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _variant(text: str) -> Variant:
+    from kubetune.storage.fetch import parse_variant
+
+    try:
+        return parse_variant(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from kubetune.storage import StorageError
+    from kubetune.storage.fetch import FetchOptions, fetch_run
+
+    if (args.dir is None) == (args.cache_root is None):
+        print("error: give DIR or --cache-root ROOT (one of them)", file=sys.stderr)
+        return 2
+    if args.parallel < 1:
+        print("error: --parallel must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        result = fetch_run(
+            args.run_uri,
+            args.dir,
+            variant=args.variant,
+            cache_root=args.cache_root,
+            expect_digest=args.expect_digest,
+            require_gate=args.require_gate,
+            link=args.link,
+            endpoint_url=args.endpoint_url,
+            region=args.region,
+            options=FetchOptions(parallel=args.parallel),
+            log=_log_line,
+        )
+    except StorageError as exc:
+        return _fail(exc.reason, str(exc))
+    print(result.directory)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from kubetune.serve import (
+        INSTALL_HINT,
+        ServeError,
+        command_for,
+        default_cache_root,
+        vllm_executable,
+    )
+    from kubetune.storage import StorageError
+    from kubetune.storage.fetch import fetch_run
+
+    vllm = vllm_executable()
+    if vllm is None:
+        print(f"error: {INSTALL_HINT}", file=sys.stderr)
+        return 1
+    try:
+        fetched = fetch_run(
+            args.run_uri,
+            variant=args.variant,
+            cache_root=args.cache_root or default_cache_root(),
+            require_gate=not args.allow_failed_gate,
+            endpoint_url=args.endpoint_url,
+            region=args.region,
+            log=_log_line,
+        )
+        argv = command_for(
+            fetched,
+            port=args.port,
+            host=args.host,
+            base_model=args.base_model,
+            extra=args.vllm_args,
+        )
+    except (StorageError, ServeError) as exc:
+        return _fail(exc.reason, str(exc))
+    print("Starting " + " ".join(argv), file=sys.stderr, flush=True)
+    os.execv(vllm, argv)
+    return 1  # not reached: execv replaces this process
+
+
 def _token_count(text: str) -> int:
     from kubetune.calc.report import parse_count
 
@@ -366,6 +454,91 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.set_defaults(func=cmd_report)
 
+    fetch = sub.add_parser(
+        "fetch",
+        help="download one variant of a run, verified and resumable",
+        description="Stream one variant of a completed run (Merged, Adapter, W4A16, W8A8 or "
+        "FP8) into DIR, its files at DIR's top level, each checked against the sha256 in the "
+        "run's manifest. A second run resumes an interrupted download and does nothing when "
+        "DIR already holds the copy. Prints DIR last. See docs/cli.md.",
+    )
+    fetch.add_argument("run_uri", metavar="RUN_URI", help="as printed by `kubetune run`")
+    fetch.add_argument("dir", nargs="?", metavar="DIR", help="the target folder")
+    fetch.add_argument(
+        "--variant",
+        type=_variant,
+        default="Merged",
+        metavar="VARIANT",
+        help="Merged (default), Adapter, W4A16, W8A8 or FP8",
+    )
+    fetch.add_argument(
+        "--cache-root",
+        metavar="ROOT",
+        help="instead of DIR: fetch into ROOT/<manifest sha256>/<variant> (a shared cache)",
+    )
+    fetch.add_argument(
+        "--expect-digest",
+        metavar="sha256:HEX",
+        help="refuse a run whose manifest has another digest; a complete copy is then "
+        "recognized without reading the store",
+    )
+    fetch.add_argument(
+        "--require-gate", action="store_true", help="refuse a run whose evaluation gate failed"
+    )
+    fetch.add_argument(
+        "--link", metavar="PATH", help="afterwards, make PATH a symbolic link to the folder"
+    )
+    fetch.add_argument(
+        "--parallel", type=int, default=4, metavar="N", help="files downloaded at once (4)"
+    )
+    fetch.add_argument(
+        "--endpoint-url", metavar="URL", help="S3 endpoint (MinIO, Ceph…); default from AWS_*"
+    )
+    fetch.add_argument("--region", metavar="REGION", help="S3 region; default from AWS_*")
+    fetch.set_defaults(func=cmd_fetch)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a run with vLLM on this machine (needs the serve extra)",
+        usage="kubetune serve RUN_URI [options] [-- VLLM_ARG ...]",
+        description="Fetch one variant of a run into a local cache, then run `vllm serve` on "
+        "it under the job's name (an Adapter is served as a LoRA module on its base model). "
+        "Arguments after `--` go to vLLM as they are. Needs vLLM: pip install "
+        "'kubetune[serve]'.",
+    )
+    serve.add_argument("run_uri", metavar="RUN_URI", help="as printed by `kubetune run`")
+    serve.add_argument(
+        "--variant",
+        type=_variant,
+        default="Merged",
+        metavar="VARIANT",
+        help="Merged (default), Adapter, W4A16, W8A8 or FP8",
+    )
+    serve.add_argument("--port", type=int, default=8000, help="port of the OpenAI API (8000)")
+    serve.add_argument("--host", help="address to listen on (vLLM's default: all)")
+    serve.add_argument(
+        "--base-model",
+        metavar="URI",
+        help="Adapter only: the base model (hf://org/name or a folder) instead of the one "
+        "in the run's lineage",
+    )
+    serve.add_argument(
+        "--cache-root",
+        metavar="ROOT",
+        help="where fetched variants are kept ($KUBETUNE_RUNS_CACHE_DIR, else "
+        "~/.cache/kubetune/runs)",
+    )
+    serve.add_argument(
+        "--allow-failed-gate",
+        action="store_true",
+        help="serve a run whose evaluation gate failed (refused by default)",
+    )
+    serve.add_argument(
+        "--endpoint-url", metavar="URL", help="S3 endpoint (MinIO, Ceph…); default from AWS_*"
+    )
+    serve.add_argument("--region", metavar="REGION", help="S3 region; default from AWS_*")
+    serve.set_defaults(func=cmd_serve, vllm_args=[])
+
     calc = sub.add_parser(
         "calc",
         help="GPU memory, LoRA parameters, FLOPs and GPU-hours of a training setup",
@@ -441,7 +614,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if words[:1] == ["serve"] and "--" in words:
+        # Everything after `--` is vLLM's, options included.
+        cut = words.index("--")
+        words, passthrough = words[:cut], words[cut + 1 :]
+    args = build_parser().parse_args(words)
+    if passthrough:
+        args.vllm_args = passthrough
     return int(args.func(args))
 
 
