@@ -304,6 +304,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     from kubetune.storage import StorageError
     from kubetune.storage.fetch import FetchOptions, fetch_run
 
+    if args.model:
+        return _fetch_model(args)
+    if args.revision:
+        print("error: --revision applies to --model only", file=sys.stderr)
+        return 2
     if (args.dir is None) == (args.cache_root is None):
         print("error: give DIR or --cache-root ROOT (one of them)", file=sys.stderr)
         return 2
@@ -327,6 +332,39 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     except StorageError as exc:
         return _fail(exc.reason, str(exc))
     print(result.directory)
+    return 0
+
+
+def _fetch_model(args: argparse.Namespace) -> int:
+    """`kubetune fetch MODEL_URI DIR --model`: the base model of LoRA adapters, resolved
+    into `DIR/../.cache` and linked as DIR (vLLM reads DIR)."""
+    import os
+
+    from kubetune.api.v1alpha1.finetunejob import ModelSource
+    from kubetune.trainer.resolve import ModelResolutionError, resolve_model
+
+    if args.dir is None or args.cache_root:
+        print("error: --model needs DIR (and no --cache-root)", file=sys.stderr)
+        return 2
+    target = Path(args.dir)
+    try:
+        source = ModelSource(uri=args.run_uri, revision=args.revision)
+        resolved = resolve_model(source, cache_dir=target.parent / ".cache")
+    except ModelResolutionError as exc:
+        return _fail(exc.reason, str(exc))
+    except ValueError as exc:
+        return _fail("InvalidSpec", f"{args.run_uri}: {exc}")
+    if resolved.random_weights:
+        return _fail("InvalidSpec", f"{args.run_uri} has no weights to serve")
+    relative = os.path.relpath(resolved.path, target.parent)
+    if target.is_symlink() and os.readlink(target) == relative:
+        print(f"{target} already links to {resolved.path}", file=sys.stderr)
+    else:
+        partial = target.with_name(target.name + ".link")
+        partial.unlink(missing_ok=True)
+        partial.symlink_to(relative)
+        partial.replace(target)  # atomic: a reader never sees a missing link
+    print(target)
     return 0
 
 
@@ -495,6 +533,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--endpoint-url", metavar="URL", help="S3 endpoint (MinIO, Ceph…); default from AWS_*"
     )
     fetch.add_argument("--region", metavar="REGION", help="S3 region; default from AWS_*")
+    fetch.add_argument(
+        "--model",
+        action="store_true",
+        help="RUN_URI is a base model (hf://, s3://, pvc://, builtin://), not a run: resolve "
+        "it as the trainer does (safetensors only, no remote code) and make DIR a link to it",
+    )
+    fetch.add_argument(
+        "--revision", metavar="REV", help="with --model: the hf:// revision (commit or tag)"
+    )
     fetch.set_defaults(func=cmd_fetch)
 
     serve = sub.add_parser(

@@ -64,6 +64,11 @@ class Reason(str, Enum):
     INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
     LOCAL_URI_IN_CLUSTER = "LocalURIInCluster"
     EVALUATION_GATE_FAILED = "EvaluationGateFailed"
+    # Serving (ModelDeployment).
+    ARTIFACT_NOT_READY = "ArtifactNotReady"
+    VARIANT_NOT_AVAILABLE = "VariantNotAvailable"
+    METHOD_NOT_SERVABLE = "MethodNotServable"
+    ADAPTER_INCOMPATIBLE = "AdapterIncompatible"
     # Resources.
     OUT_OF_MEMORY = "OutOfMemory"
     # Infrastructure and lifecycle.
