@@ -39,9 +39,7 @@ def test_s3_model_is_resolved_and_linked(
         assert "already links" in capsys.readouterr().err
 
 
-def test_pickle_only_model_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_pickle_only_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = tmp_path / "pickled"
     model.mkdir()
     (model / "config.json").write_text('{"model_type": "llama"}')
