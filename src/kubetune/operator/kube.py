@@ -23,6 +23,12 @@ from kubetune.api import GROUP, VERSION
 from kubetune.operator import names
 
 FINETUNEJOBS = "finetunejobs"
+MODELDEPLOYMENTS = "modeldeployments"
+CUSTOM_KINDS = {
+    "ScaledObject": ("keda.sh", "v1alpha1", "scaledobjects"),
+    "ServiceMonitor": ("monitoring.coreos.com", "v1", "servicemonitors"),
+}
+"""Children that are custom resources of other projects (present only when installed)."""
 FINALIZER = "kubetune.io/artifacts"
 """Held while a FineTuneJob with `output.deletePolicy: Delete` still has artifacts."""
 
@@ -57,6 +63,10 @@ class Kube:
         self.core = client.CoreV1Api(self.client)
         self.batch = client.BatchV1Api(self.client)
         self.custom = client.CustomObjectsApi(self.client)
+        self.apps = client.AppsV1Api(self.client)
+        self.policy = client.PolicyV1Api(self.client)
+        self.autoscaling = client.AutoscalingV2Api(self.client)
+        self.apis = client.ApisApi(self.client)
 
     async def _call(self, method: Any, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
         """Call without model deserialization; the JSON body as a dict (None if empty)."""
@@ -75,20 +85,109 @@ class Kube:
     async def create(self, obj: Mapping[str, Any]) -> bool:
         """Create a child object; False when it already existed (409 AlreadyExists)."""
         kind, namespace = obj["kind"], obj["metadata"]["namespace"]
-        method = {
-            "ConfigMap": self.core.create_namespaced_config_map,
-            "Service": self.core.create_namespaced_service,
-            "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
-            "Pod": self.core.create_namespaced_pod,
-            "Job": self.batch.create_namespaced_job,
-        }[kind]
         try:
-            await self._call(method, namespace, dict(obj))
+            if kind in CUSTOM_KINDS:
+                group, version, plural = CUSTOM_KINDS[kind]
+                await self._call(
+                    self.custom.create_namespaced_custom_object,
+                    group,
+                    version,
+                    namespace,
+                    plural,
+                    dict(obj),
+                )
+            else:
+                await self._call(self._method("create", kind), namespace, dict(obj))
         except ApiError as error:
             if error.status == 409:
                 return False
             raise
         return True
+
+    def _method(self, verb: str, kind: str) -> Any:
+        """The typed client method for `verb` (create, patch, replace, delete) of a kind."""
+        api, resource = {
+            "ConfigMap": (self.core, "config_map"),
+            "Service": (self.core, "service"),
+            "PersistentVolumeClaim": (self.core, "persistent_volume_claim"),
+            "Pod": (self.core, "pod"),
+            "Job": (self.batch, "job"),
+            "Deployment": (self.apps, "deployment"),
+            "PodDisruptionBudget": (self.policy, "pod_disruption_budget"),
+            "HorizontalPodAutoscaler": (self.autoscaling, "horizontal_pod_autoscaler"),
+        }[kind]
+        return getattr(api, f"{verb}_namespaced_{resource}")
+
+    async def patch(self, obj: Mapping[str, Any]) -> None:
+        """Merge the labels, annotations and spec of a desired child into the live one."""
+        kind, meta = obj["kind"], obj["metadata"]
+        patch: dict[str, Any] = {
+            "metadata": {
+                "labels": meta.get("labels") or {},
+                "annotations": meta.get("annotations") or {},
+            }
+        }
+        if "spec" in obj:
+            patch["spec"] = obj["spec"]
+        if kind in CUSTOM_KINDS:
+            group, version, plural = CUSTOM_KINDS[kind]
+            await self._call(
+                self.custom.patch_namespaced_custom_object,
+                group,
+                version,
+                meta["namespace"],
+                plural,
+                meta["name"],
+                patch,
+            )
+            return
+        await self._call(self._method("patch", kind), meta["name"], meta["namespace"], patch)
+
+    async def replace(self, obj: Mapping[str, Any], resource_version: str) -> None:
+        """Replace a child (a Deployment) as a whole, only if it did not change meanwhile."""
+        meta = {**obj["metadata"], "resourceVersion": resource_version}
+        body = {**obj, "metadata": meta}
+        await self._call(
+            self._method("replace", obj["kind"]), meta["name"], meta["namespace"], body
+        )
+
+    async def delete_child(self, kind: str, namespace: str, name: str) -> None:
+        """Delete a child of any kind the operator makes; gone (or not installed) is fine."""
+        try:
+            if kind in CUSTOM_KINDS:
+                group, version, plural = CUSTOM_KINDS[kind]
+                await self._call(
+                    self.custom.delete_namespaced_custom_object,
+                    group,
+                    version,
+                    namespace,
+                    plural,
+                    name,
+                )
+            else:
+                await self._call(self._method("delete", kind), name, namespace)
+        except ApiError as error:
+            if error.status != 404:
+                raise
+
+    async def api_groups(self) -> set[str]:
+        """The API groups the cluster serves (to find KEDA and the Prometheus Operator)."""
+        groups = await self._call(self.apis.get_api_versions) or {}
+        return {str(group.get("name")) for group in groups.get("groups") or []}
+
+    async def patch_modeldeployment_status(
+        self, namespace: str, name: str, patch: Mapping[str, Any]
+    ) -> None:
+        """Merge-patch a ModelDeployment's status subresource."""
+        await self._call(
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            namespace,
+            MODELDEPLOYMENTS,
+            name,
+            {"status": dict(patch)},
+        )
 
     async def patch_job(self, namespace: str, name: str, spec_patch: Mapping[str, Any]) -> None:
         """Merge the in-place fields into a Job's spec."""
@@ -98,18 +197,22 @@ class Kube:
 
     async def delete(self, kind: str, namespace: str, name: str) -> None:
         """Delete a Job (with its pods, in the background) or a Pod; gone is fine."""
-        method = {"Job": self.batch.delete_namespaced_job, "Pod": self.core.delete_namespaced_pod}
         try:
             await self._call(
-                method[kind], name, namespace, body={"propagationPolicy": "Background"}
+                self._method("delete", kind),
+                name,
+                namespace,
+                body={"propagationPolicy": "Background"},
             )
         except ApiError as error:
             if error.status != 404:
                 raise
 
-    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
-        """Merge-patch a FineTuneJob's status subresource."""
-        await self._call(
+    async def patch_status(
+        self, namespace: str, name: str, patch: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """Merge-patch a FineTuneJob's status subresource; the FineTuneJob as written."""
+        return await self._call(
             self.custom.patch_namespaced_custom_object_status,
             GROUP,
             VERSION,
@@ -177,7 +280,7 @@ class Kube:
     async def list_children(
         self, labels: Mapping[str, str], namespaces: list[str]
     ) -> list[tuple[str, dict[str, Any]]]:
-        """(kind, body) of every Job and Pod with `labels`, in `namespaces` (all when
+        """(kind, body) of every Job, Pod and Deployment with `labels`, in `namespaces` (all when
         empty): the cache's starting point, so no reconcile runs before the operator knows
         which Jobs exist."""
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
@@ -188,11 +291,13 @@ class Kube:
                 calls += [
                     ("Job", self.batch.list_job_for_all_namespaces, ()),
                     ("Pod", self.core.list_pod_for_all_namespaces, ()),
+                    ("Deployment", self.apps.list_deployment_for_all_namespaces, ()),
                 ]
             else:
                 calls += [
                     ("Job", self.batch.list_namespaced_job, (namespace,)),
                     ("Pod", self.core.list_namespaced_pod, (namespace,)),
+                    ("Deployment", self.apps.list_namespaced_deployment, (namespace,)),
                 ]
         found: list[tuple[str, dict[str, Any]]] = []
         for kind, method, args in calls:

@@ -22,6 +22,7 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_FINETUNEJOB = "kubetune.io/finetunejob"
 LABEL_RUN_ID = "kubetune.io/run-id"
+LABEL_MODELDEPLOYMENT = "kubetune.io/modeldeployment"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 
 ANNOTATION_SPEC_HASH = "kubetune.io/spec-hash"

@@ -111,7 +111,7 @@ __all__ = [
 ]
 
 COMPONENT_SERVING = "serving"
-LABEL_MODELDEPLOYMENT = "kubetune.io/modeldeployment"
+LABEL_MODELDEPLOYMENT = names.LABEL_MODELDEPLOYMENT
 COMPRESSED_TENSORS = "compressed-tensors"
 ARTIFACT_SECRET_FIELD = "spec.credentialsSecretRef"
 BASE_SECRET_FIELD = "spec.baseModel.credentialsSecretRef"

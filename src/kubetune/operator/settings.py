@@ -141,6 +141,10 @@ class OperatorSettings(_Settings):
     watch_namespaces: list[Annotated[StrictStr, Field(min_length=1, max_length=63)]] = []
     """Namespaces to watch; empty watches the whole cluster."""
 
+    prometheus_url: Annotated[StrictStr, Field(min_length=1, max_length=2048)] | None = None
+    """Prometheus server KEDA's prometheus trigger queries for vLLM metrics (ModelDeployment
+    autoscaling with provider KEDA), e.g. http://prometheus-operated.monitoring.svc:9090."""
+
     status_poll_interval_seconds: int = Field(default=30, ge=1, le=3600)
     """How often the progress of running jobs is read from their metrics endpoint."""
 

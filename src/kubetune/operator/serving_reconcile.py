@@ -1,0 +1,195 @@
+"""Reconcile one ModelDeployment: resolve what it serves, make its children match, write
+its status.
+
+Level-based like the FineTuneJob reconciler (`reconcile.py`), from the watch cache:
+
+1. Resolve the artifacts (`serving_resolve.resolve`): a FineTuneJob's newest servable run,
+   or a RUN_URI. A referenced FineTuneJob changing (a new run succeeding) queues the
+   ModelDeployment again, so a new artifact rolls out.
+2. Build the children (`serving_objects.build_serving`). A refusal (gate failed, adapter
+   incompatible, variant missing…) leaves the running children alone: what is served keeps
+   being served, and the status says why the new spec or artifact is not.
+3. The Deployment is replaced when what the operator wants of it changed (a hash of the
+   desired object, kept as an annotation): an unchanged artifact and spec change nothing,
+   a new manifest digest changes the pod template and rolls out. The autoscaler owns the
+   replica count when there is one. The other children are created when missing and
+   patched when the ModelDeployment's generation moved; an autoscaler or ServiceMonitor the
+   plan no longer has is deleted.
+4. The status mirrors the Deployment (`serving_status.compute_serving_status`): Ready only
+   when a replica of the current template is ready and no pod is crash-looping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubetune.api.contract import Reason
+from kubetune.api.v1alpha1.modeldeployment import ModelDeployment
+from kubetune.operator.cache import Cache, Key
+from kubetune.operator.kube import Kube
+from kubetune.operator.metrics import OperatorMetrics
+from kubetune.operator.serving import ServingError
+from kubetune.operator.serving_checks import ClusterFeatures
+from kubetune.operator.serving_objects import ServingChildren, build_serving
+from kubetune.operator.serving_resolve import resolve
+from kubetune.operator.serving_status import (
+    compute_serving_status,
+    load_serving_status,
+    serving_status_patch,
+)
+from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.workqueue import backoff
+
+logger = logging.getLogger("kubetune.operator")
+
+ANNOTATION_DESIRED = "kubetune.io/desired-hash"
+"""On the Deployment: the hash of what the operator last wanted it to be."""
+OPTIONAL_KINDS = ("HorizontalPodAutoscaler", "ScaledObject", "ServiceMonitor")
+
+
+def desired_hash(obj: Mapping[str, Any]) -> str:
+    """A stable hash of a desired object (its rendering is deterministic)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _meta(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    return body.get("metadata") or {}
+
+
+@dataclass
+class ServingReconciler:
+    """Reconciles ModelDeployments by key (the serving work queue's `process`)."""
+
+    cache: Cache
+    kube: Kube
+    settings: OperatorSettings
+    metrics: OperatorMetrics
+    features: ClusterFeatures = field(default_factory=ClusterFeatures)
+    clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+    _waiting: dict[Key, int] = field(default_factory=dict)
+
+    async def __call__(self, key: Hashable) -> float | None:
+        assert isinstance(key, tuple)
+        started = time.monotonic()
+        result = "error"
+        try:
+            again = await self.reconcile(key)
+            result = "ok"
+            return again
+        finally:
+            self.metrics.observe_reconcile("ModelDeployment", time.monotonic() - started, result)
+
+    async def reconcile(self, key: Key) -> float | None:
+        """One pass over a ModelDeployment; returns seconds until it needs another look."""
+        body = self.cache.modeldeployments.get(key)
+        if body is None or _meta(body).get("deletionTimestamp"):
+            self._waiting.pop(key, None)
+            return None  # children go by garbage collection
+        try:
+            md = ModelDeployment.model_validate(body)
+        except ValidationError as error:
+            self.metrics.record_error(Reason.INVALID_SPEC.value)
+            logger.warning("ModelDeployment %s/%s does not validate: %s", *key, error)
+            return None
+        previous = load_serving_status(body.get("status"))
+        generation = int(_meta(body).get("generation") or 0)
+        deployment, pods = self.cache.serving(key)
+        outcome: ServingChildren | ServingError
+        try:
+            outcome = build_serving(md, resolve(md, self.cache.finetunejobs), self.settings,
+                                    self.features)  # fmt: skip
+        except ServingError as error:
+            outcome = error
+        if isinstance(outcome, ServingChildren):
+            changed = previous is None or previous.observed_generation != generation
+            deployment = await self._apply(outcome, deployment, changed) or deployment
+        new = compute_serving_status(
+            md,
+            generation,
+            previous,
+            deployment,
+            pods,
+            outcome.plan if isinstance(outcome, ServingChildren) else outcome,
+            self.clock(),
+        )
+        patch = serving_status_patch(body.get("status"), new)
+        if patch is not None:
+            await self.kube.patch_modeldeployment_status(key[0], key[1], patch)
+        await self._events(body, previous, new)
+        if isinstance(outcome, ServingError) and outcome.waiting:
+            attempts = self._waiting.get(key, 0) + 1
+            self._waiting[key] = attempts
+            return backoff(attempts)
+        self._waiting.pop(key, None)
+        return None
+
+    async def _apply(
+        self,
+        children: ServingChildren,
+        live: Mapping[str, Any] | None,
+        generation_changed: bool,
+    ) -> dict[str, Any] | None:
+        """Make the children match; returns the Deployment as written, if it was."""
+        written = None
+        for obj in children.objects:
+            if obj["kind"] == "Deployment":
+                written = await self._apply_deployment(obj, live, children)
+            else:
+                created = await self.kube.create(obj)
+                immutable = obj["kind"] == "PersistentVolumeClaim"
+                if not created and generation_changed and not immutable:
+                    await self.kube.patch(obj)
+        if generation_changed:
+            wanted = {o["kind"] for o in children.objects}
+            meta = children.deployment["metadata"]
+            for kind in OPTIONAL_KINDS:
+                if (
+                    kind not in wanted
+                    and not (kind == "ServiceMonitor" and not self.features.servicemonitor_crd)
+                    and not (kind == "ScaledObject" and not self.features.keda_installed)
+                ):
+                    await self.kube.delete_child(kind, meta["namespace"], meta["name"])
+        return written
+
+    async def _apply_deployment(
+        self,
+        desired: dict[str, Any],
+        live: Mapping[str, Any] | None,
+        children: ServingChildren,
+    ) -> dict[str, Any] | None:
+        """Create or replace the Deployment when what is wanted of it changed."""
+        desired = json.loads(json.dumps(desired))
+        digest = desired_hash(desired)
+        desired["metadata"].setdefault("annotations", {})[ANNOTATION_DESIRED] = digest
+        if live is None:
+            await self.kube.create(desired)
+            return desired
+        if (_meta(live).get("annotations") or {}).get(ANNOTATION_DESIRED) == digest:
+            return None
+        if children.autoscaler is not None and "replicas" in (live.get("spec") or {}):
+            desired["spec"]["replicas"] = live["spec"]["replicas"]  # the autoscaler's
+        await self.kube.replace(desired, str(_meta(live)["resourceVersion"]))
+        return None
+
+    async def _events(self, body: Mapping[str, Any], previous: Any, new: Any) -> None:
+        """An Event whenever the Ready condition changes status or reason."""
+
+        def ready(status: Any) -> tuple[str, str, str] | None:
+            for condition in (status.conditions or []) if status is not None else []:
+                if condition.type == "Ready":
+                    return condition.status.value, condition.reason, condition.message
+            return None
+
+        before, after = ready(previous), ready(new)
+        if after is not None and (before is None or before[:2] != after[:2]):
+            kind = "Normal" if after[0] in ("True", "Unknown") else "Warning"
+            await self.kube.post_event(body, kind, after[1], after[2] or after[1])
