@@ -6,8 +6,10 @@ PY := $(VENV)/bin/python
 DEV_STAMP := $(VENV)/.stamp-dev
 # Built once per machine and shared by clones: the real CRD API server and etcd.
 export KUBETUNE_K8S_CACHE ?= $(HOME)/.cache/kubetune/k8s
+# Fetched once per machine: helm, promtool and the Node.js schema checks for the chart.
+export KUBETUNE_TOOLS_CACHE ?= $(HOME)/.cache/kubetune/tools
 
-.PHONY: help dev demo test lint generate verify apiserver lock clean
+.PHONY: help dev demo test lint generate verify apiserver tools lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -27,19 +29,24 @@ dev: $(DEV_STAMP)  ## create .venv with the pinned environment (trainer and dev 
 demo: dev  ## the quickstart: LoRA on the built-in model, CPU, a few minutes
 	$(VENV)/bin/kubetune run examples/quickstart.yaml
 
-test: dev apiserver lint  ## lint, then every test that can run on this machine
+test: dev apiserver tools lint  ## lint, then every test that can run on this machine
 	$(PY) -m pytest
 
 lint: dev  ## ruff and mypy
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests scripts bench
+	$(PY) -m ruff format --check src tests scripts bench
 	$(PY) -m mypy
 
-generate: dev  ## regenerate crds/ and docs/api.md from the API models
+generate: dev  ## regenerate crds/, the chart's CRDs, docs/api.md and values.schema.json
 	$(PY) -m kubetune.api.generate
+	$(PY) scripts/chart_schema.py
 
 verify: dev lint  ## fail if anything generated is stale
 	$(PY) -m kubetune.api.generate --check
+	$(PY) scripts/chart_schema.py --check
+
+tools:  ## fetch (once, cached) helm, promtool and the Node.js schema checks for the chart tests
+	scripts/fetch-tools.sh
 
 apiserver: dev  ## build (once, cached) the real apiextensions-apiserver for CRD tests
 	PYTHON=$(PY) scripts/build-apiextensions-apiserver.sh

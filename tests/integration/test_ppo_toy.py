@@ -262,7 +262,5 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(tiny_model_dir: Pat
     assert [r["step"] for r in resumed.history] == [2.0, 3.0, 4.0]
     for key, value in get_peft_model_state_dict(whole.policy).items():
         torch.testing.assert_close(get_peft_model_state_dict(resumed.policy)[key], value)
-    torch.testing.assert_close(
-        resumed.value_head.linear.weight, whole.value_head.linear.weight
-    )
+    torch.testing.assert_close(resumed.value_head.linear.weight, whole.value_head.linear.weight)
     assert resumed.metrics["kl_coef"] == pytest.approx(whole.metrics["kl_coef"])

@@ -19,6 +19,10 @@ def generated_files() -> dict[str, str]:
     """Relative path → content of every generated file."""
     files = {f"crds/{crd_filename(crd)}": to_yaml([crd]) for crd in build_crds()}
     files["docs/api.md"] = render_api_doc()
+    # The Helm chart carries the same CRDs (Helm installs charts/kubetune/crds/ first).
+    files.update(
+        {f"charts/kubetune/{p}": text for p, text in list(files.items()) if p.startswith("crds/")}
+    )
     return files
 
 

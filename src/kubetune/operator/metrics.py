@@ -59,6 +59,12 @@ class OperatorMetrics:
             ("namespace",),
             registry=self.registry,
         )
+        self.deployments = Gauge(
+            "kubetune_operator_modeldeployments",
+            "ModelDeployments by the status of their Ready condition",
+            ("ready",),
+            registry=self.registry,
+        )
         self._namespaces: set[str] = set()
 
     def observe_reconcile(self, kind: str, seconds: float, result: str) -> None:
@@ -78,6 +84,11 @@ class OperatorMetrics:
         for name, count in counts.items():
             if name not in known:
                 self.jobs.labels(name).set(count)
+
+    def set_deployments_by_readiness(self, counts: Mapping[str, int]) -> None:
+        """Set the ModelDeployment count per Ready status (True, False, Unknown)."""
+        for ready in ("True", "False", "Unknown"):
+            self.deployments.labels(ready).set(counts.get(ready, 0))
 
     def set_gpu_hours(self, hours_by_namespace: Mapping[str, float]) -> None:
         """Set the GPU-hours of each namespace; a namespace that disappeared is removed."""

@@ -76,6 +76,7 @@ class ServingReconciler:
     features: ClusterFeatures = field(default_factory=ClusterFeatures)
     clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
     _waiting: dict[Key, int] = field(default_factory=dict)
+    _ready: dict[Key, str] = field(default_factory=dict)
 
     async def __call__(self, key: Hashable) -> float | None:
         assert isinstance(key, tuple)
@@ -93,6 +94,8 @@ class ServingReconciler:
         body = self.cache.modeldeployments.get(key)
         if body is None or _meta(body).get("deletionTimestamp"):
             self._waiting.pop(key, None)
+            self._ready.pop(key, None)
+            self._count()
             return None  # children go by garbage collection
         try:
             md = ModelDeployment.model_validate(body)
@@ -125,12 +128,21 @@ class ServingReconciler:
         if patch is not None:
             await self.kube.patch_modeldeployment_status(key[0], key[1], patch)
         await self._events(body, previous, new)
+        ready = next((c.status.value for c in new.conditions or [] if c.type == "Ready"), None)
+        self._ready[key] = ready or "Unknown"
+        self._count()
         if isinstance(outcome, ServingError) and outcome.waiting:
             attempts = self._waiting.get(key, 0) + 1
             self._waiting[key] = attempts
             return backoff(attempts)
         self._waiting.pop(key, None)
         return None
+
+    def _count(self) -> None:
+        counts: dict[str, int] = {}
+        for value in self._ready.values():
+            counts[value] = counts.get(value, 0) + 1
+        self.metrics.set_deployments_by_readiness(counts)
 
     async def _apply(
         self,
