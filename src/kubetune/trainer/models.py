@@ -125,14 +125,18 @@ def load_base_model(
     precisions: Precisions,
     seed: int,
     work_dir: Path,
+    attn_implementation: str = "sdpa",
 ) -> PreTrainedModel:
-    """The base model, quantized to 4 bits for QLoRA, random for builtin://random."""
+    """The base model, quantized to 4 bits for QLoRA, random for builtin://random, with the
+    attention implementation `fastpath.choose_attention` picked."""
     from transformers import AutoModelForCausalLM
 
     path = resolved.path
     if resolved.random_weights:
         if spec.method != Method.QLORA:
-            return build_random_model(resolved.path, seed, precisions.load)
+            model = build_random_model(resolved.path, seed, precisions.load)
+            model.set_attn_implementation(attn_implementation)
+            return model
         # bitsandbytes quantizes while loading: write the random weights once, load them 4-bit.
         path = work_dir / "random-weights"
         if not (path / "config.json").is_file():
@@ -148,6 +152,7 @@ def load_base_model(
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     else:
         kwargs["dtype"] = precisions.load
+    kwargs["attn_implementation"] = attn_implementation
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 

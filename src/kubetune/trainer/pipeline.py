@@ -22,7 +22,7 @@ from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.api.v1alpha1.training import TrainingSpec
 from kubetune.storage import ObjectInfo, RunLayout, Store, open_store, spec_hash
 from kubetune.storage.manifest import read_manifest, write_manifest
-from kubetune.trainer import eval_stage, evaluate, export, export_stage, models, stages
+from kubetune.trainer import eval_stage, evaluate, export, export_stage, fastpath, models, stages
 from kubetune.trainer.data_stage import (
     EVAL_DATA,
     run_data_stage,
@@ -33,7 +33,7 @@ from kubetune.trainer.eval_publish import EvalRecord, publish_eval
 from kubetune.trainer.progress import Metrics
 from kubetune.trainer.resolve import ResolvedModel, resolve_model
 from kubetune.trainer.reward_stage import REWARD_MODEL_DIR
-from kubetune.trainer.sft import TRAIN_LOG
+from kubetune.trainer.sft import TRAIN_LOG, packing_enabled
 from kubetune.trainer.stages import StageData
 
 Log = Callable[[str], None]
@@ -159,7 +159,13 @@ def _run_pipeline(
         training, spec.method, cuda, cuda and torch.cuda.is_bf16_supported()
     )
     torch.manual_seed(training.seed)
-    model = models.load_base_model(spec, resolved, precisions, training.seed, work_dir)
+    attention = fastpath.choose_attention(
+        training.fast_paths, cuda, packing_enabled(spec), model_config=resolved.config
+    )
+    log(f"Attention: {attention.name} ({attention.reason})")
+    model = models.load_base_model(
+        spec, resolved, precisions, training.seed, work_dir, attn_implementation=attention.name
+    )
     base = eval_stage.base_scores(
         store, layout, model, tokenizer, inputs, evaluation, training.batch_size, log
     )
