@@ -174,6 +174,9 @@ class KubeRouter:
         for session in (self._fake_session, self._crd_session):
             if session is not None:
                 await session.close()
+        # aiohttp closes TLS transports a moment after the session (its docs: "Graceful
+        # Shutdown"); without the wait the CRD server's sockets leak as ResourceWarnings.
+        await asyncio.sleep(0.25)
 
     # ------------------------------------------------------------------ counting
     def request_counts(self) -> dict[tuple[str, str], int]:

@@ -5,9 +5,10 @@ and Pods), never from what the last pass did, so a restarted operator converges 
 same place and never creates a second Job (children have deterministic names; creating
 one that exists is a no-op). A pass:
 
-1. A FineTuneJob being deleted: with `output.deletePolicy: Delete`, run the cleanup pod
-   (the job's storage credentials, nothing else) and release the finalizer when it
-   succeeds. Children go with the FineTuneJob by garbage collection.
+1. A FineTuneJob being deleted: with `output.deletePolicy: Delete`, stop its Jobs and wait
+   for their trainer pods to end, then run the cleanup pod (the job's storage credentials,
+   nothing else) and release the finalizer when it succeeds. Children go with the
+   FineTuneJob by garbage collection.
 2. Otherwise build the children the spec asks for (`children.build_children`; a spec the
    builders refuse — a local URI, no GPU class that fits — becomes the status), and act on
    `runs.decide`: create the run's ConfigMap and Job, patch in-place fields, or stop the
@@ -110,6 +111,7 @@ class Reconciler:
     _waiting: dict[Key, int] = field(default_factory=dict)
     _stages: dict[Key, str] = field(default_factory=dict)
     _gpu_hours: dict[Key, float] = field(default_factory=dict)
+    _released: dict[Key, str] = field(default_factory=dict)
 
     async def __call__(self, key: Hashable) -> float | None:
         assert isinstance(key, tuple)
@@ -189,7 +191,12 @@ class Reconciler:
         )
         patch = status_patch(body.get("status") or {}, new)
         if patch is not None:
-            await self.kube.patch_status(key[0], key[1], patch)
+            written = await self.kube.patch_status(key[0], key[1], patch)
+            if written is not None:
+                # The next pass must start from this status, even when it runs before the
+                # watch event of this write (a Job's event often comes first): else it
+                # writes the same status and records the same Events again.
+                self.cache.observe_finetunejob(written, False)
         for event in events_for(previous, new):
             await self.kube.post_event(body, event.type, event.reason, event.message)
         self._account(key, new.stage.value if new.stage else "Pending", mine, now)
@@ -200,14 +207,19 @@ class Reconciler:
 
     async def _missing_secrets(self, key: Key, ftj: FineTuneJob) -> Refusal | None:
         """SecretNotFound naming the first missing Secret or key, or None when all exist."""
-        for use in secret_uses(ftj.spec, self.settings):
+        uses = secret_uses(ftj.spec, self.settings)
+        for use in uses:
             keys = await self._secret_keys(key[0], use.secret)
             if keys is None:
+                # No `KEY=value` example: status messages mask what follows `..._KEY_ID=`.
+                wanted = {u.key for u in uses if u.secret == use.secret and not u.optional}
+                required = sorted(wanted or {use.key})
                 return Refusal(
                     Reason.SECRET_NOT_FOUND,
                     f"{use.field}: Secret {use.secret!r} does not exist in namespace "
-                    f"{key[0]}; create it (e.g. kubectl create secret generic {use.secret} "
-                    f"--from-literal={use.key}=...) and the job starts",
+                    f"{key[0]}; create it with the keys {', '.join(required)} (e.g. kubectl "
+                    f"create secret generic {use.secret} --from-env-file=FILE) and the job "
+                    "starts",
                 )
             if use.key not in keys and not use.optional:
                 return Refusal(
@@ -242,13 +254,20 @@ class Reconciler:
     async def _finalize(self, key: Key, ftj: FineTuneJob, body: Mapping[str, Any]) -> float | None:
         """Delete the artifacts (cleanup pod) before releasing the finalizer."""
         finalizers = list(_meta(body).get("finalizers") or [])
+        uid = str(_meta(body).get("uid") or "")
         if FINALIZER not in finalizers:
             self._forget(key)
             return None
+        if self._released.get(key) == uid:
+            # Released already; the cache lags behind. A new cleanup pod now would outlive
+            # its owner and could delete the artifacts of a new FineTuneJob of this name.
+            return None
         name = names.cleanup_pod_name(key[1])
-        _, pods = self.cache.children(key)
+        jobs, pods = self.cache.children(key)
         pod = next((p for p in pods if _meta(p).get("name") == name), None)
         if pod is None:
+            if await self._stop_training(key, jobs, pods):
+                return float(self.settings.status_poll_interval_seconds)
             root = f"{ftj.spec.output.uri.rstrip('/')}/{key[0]}/{key[1]}"  # type: ignore[union-attr]
             await self.kube.create(build_cleanup_pod(ftj, self.settings, [root]))
             await self.kube.post_event(
@@ -261,6 +280,7 @@ class Reconciler:
             await self.kube.set_finalizers(
                 key[0], key[1], remaining, str(_meta(body)["resourceVersion"])
             )
+            self._released[key] = uid
             return None
         if phase == "Failed":
             attempts = self._waiting.get(key, 0) + 1
@@ -275,6 +295,21 @@ class Reconciler:
             await self.kube.delete("Pod", key[0], name)
             return backoff(attempts)
         return None
+
+    async def _stop_training(
+        self, key: Key, jobs: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]]
+    ) -> bool:
+        """Delete the FineTuneJob's Jobs before its artifacts: a trainer still running would
+        write again (a checkpoint, its SIGTERM checkpoint) after the cleanup. True while a
+        trainer pod still runs (its deletion comes back as a watch event)."""
+        for job in jobs:
+            if not _meta(job).get("deletionTimestamp"):
+                await self.kube.delete("Job", key[0], str(_meta(job)["name"]))
+        return any(
+            (_meta(pod).get("labels") or {}).get(names.LABEL_COMPONENT) == names.COMPONENT_TRAINER
+            and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+            for pod in pods
+        )
 
     def _account(
         self, key: Key, stage: str, pods: Sequence[Mapping[str, Any]], now: datetime
@@ -293,3 +328,4 @@ class Reconciler:
     def _forget(self, key: Key) -> None:
         self._waiting.pop(key, None)
         self._stages.pop(key, None)
+        self._released.pop(key, None)
