@@ -5,8 +5,9 @@ stateful fake for built-in kinds: tests/support/kubeenv.py), starts an operator 
 process, creates N FineTuneJobs from 8 client threads, and measures:
 
 - seconds from the first create until all N child Jobs exist;
-- API requests the operator made per job, counted at the server (the benchmark's own
-  creates subtracted; watches and discovery included);
+- API requests the operator made per job, counted at the server from the first create on
+  (the benchmark's own creates subtracted; the watches and discovery the operator opened
+  at startup, before the burst, are not in the count);
 - the operator process's peak RSS (sampled every 50 ms).
 
 Operators compared in one run, each against a fresh API: `kubetune` (`python -m
