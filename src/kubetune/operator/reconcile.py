@@ -41,6 +41,7 @@ from kubetune.operator.children import build_children, build_cleanup_pod
 from kubetune.operator.kube import FINALIZER, Kube
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.pod import METRICS_PORT_NAME, SpecError, secret_uses
+from kubetune.operator.pod_state import gpu_hours
 from kubetune.operator.progress import Scrape, metrics_url, scrape_async
 from kubetune.operator.runs import Action, decide, job_finished, job_run_id, select_job
 from kubetune.operator.settings import OperatorSettings
@@ -50,7 +51,6 @@ from kubetune.operator.status import (
     Refusal,
     compute_status,
     events_for,
-    gpu_hours,
     load_status,
     status_patch,
 )

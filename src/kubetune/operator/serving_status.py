@@ -32,6 +32,7 @@ from kubetune.api.v1alpha1.modeldeployment import (
     ModelDeploymentStatus,
     ServedModelStatus,
 )
+from kubetune.operator.pod_state import clean_message
 from kubetune.operator.progress import rfc3339
 from kubetune.operator.serving import (
     LABEL_MODELDEPLOYMENT,
@@ -41,7 +42,6 @@ from kubetune.operator.serving import (
     endpoint,
 )
 from kubetune.operator.serving_objects import ANNOTATION_ARTIFACT_DIGEST, CONTAINER_NAME
-from kubetune.operator.status import clean_message
 
 READY = "Ready"
 AVAILABLE = "Available"

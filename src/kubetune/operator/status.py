@@ -17,11 +17,9 @@ Kubernetes; they are cleaned of anything that looks like a credential and capped
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -41,7 +39,21 @@ from kubetune.api.v1alpha1.status import (
     StageState,
     StageStatus,
 )
-from kubetune.operator import names
+from kubetune.operator.pod_state import (
+    clean_message,
+    created_at,
+    disruption,
+    exit_code,
+    finished_at,
+    gpu_hours,
+    job_condition,
+    latest_result,
+    object_name,
+    object_status,
+    pending_detail,
+    pod_phase,
+    text_or_none,
+)
 from kubetune.operator.progress import Scrape, StageSample, format_decimal, rfc3339
 from kubetune.operator.runs import (
     belongs_to_run,
@@ -63,8 +75,6 @@ MILESTONES = (DATA_PREPARED, TRAINED, EVALUATED, EXPORTED)
 """Detail conditions in pipeline order; each becomes True when its step is done."""
 CONDITION_TYPES = (SUCCEEDED, *MILESTONES, GATE_PASSED)
 
-MESSAGE_LIMIT = 1024
-"""Longest condition or event message (the trainer's own messages are at most this)."""
 
 WAITING_REASONS = frozenset({Reason.SECRET_NOT_FOUND})
 """Refusals the user fixes by creating something: the job waits (Succeeded=Unknown)
@@ -91,34 +101,9 @@ _STEP_NAMES = {
     EVALUATED: "evaluation",
     EXPORTED: "export",
 }
-_DISRUPTION = "DisruptionTarget"
 _BACKOFF_REASONS = ("BackoffLimitExceeded", "MaxFailedIndexesExceeded", "FailedIndexes")
 
 # Credentials that must never reach a status, an event or a log line.
-_REDACTIONS = (
-    (re.compile(r"(?i)(://)[^/\s:@]+:[^/\s@]+@"), r"\1***@"),
-    (re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b"), "***"),
-    (re.compile(r"\bhf_[A-Za-z0-9]{16,}\b"), "***"),
-    (re.compile(r"\bsk-[A-Za-z0-9_-]{16,}"), "***"),
-    (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+"), r"\1 ***"),
-    (re.compile(r"(?i)(x-amz-(?:signature|credential|security-token)=)[^&\s]+"), r"\1***"),
-    (
-        re.compile(
-            r"(?i)\b((?:aws_)?(?:secret_access_key|session_token|access_key_id)|password|passwd"
-            r"|secret|token|api[_-]?key)([\"']?\s*[=:]\s*)([\"']?)[^\s\"',;&]+"
-        ),
-        r"\1\2\3***",
-    ),
-)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
-
-
-def clean_message(text: str, limit: int = MESSAGE_LIMIT) -> str:
-    """A message fit for a status or an Event: credentials masked, one line, capped."""
-    for pattern, replacement in _REDACTIONS:
-        text = pattern.sub(replacement, text)
-    text = " ".join(_CONTROL.sub(" ", text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -207,183 +192,6 @@ class _Verdict:
 # --- Reading pods and Jobs -------------------------------------------------------------
 
 
-def _status(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    value = obj.get("status")
-    return value if isinstance(value, Mapping) else {}
-
-
-def _name(obj: Mapping[str, Any]) -> str:
-    return str((obj.get("metadata") or {}).get("name") or "")
-
-
-def parse_time(value: object) -> datetime | None:
-    """An RFC 3339 timestamp from the API, or None."""
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-def _created(obj: Mapping[str, Any]) -> datetime:
-    return parse_time((obj.get("metadata") or {}).get("creationTimestamp")) or _EPOCH
-
-
-def _terminated_states(pod: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    states = []
-    for container in _status(pod).get("containerStatuses") or []:
-        for key in ("state", "lastState"):
-            terminated = (container.get(key) or {}).get("terminated")
-            if isinstance(terminated, Mapping):
-                states.append(terminated)
-    return states
-
-
-_RESULT_FIELDS = frozenset(info.alias or name for name, info in TrainerResult.model_fields.items())
-
-
-def parse_result_text(text: object) -> TrainerResult | None:
-    """A TrainerResult from a termination message; None for garbage, truncated JSON or a
-    result this operator cannot read. Unknown keys (a newer trainer) are ignored."""
-    if not isinstance(text, str) or not text.strip():
-        return None
-    lines = [line for line in reversed(text.strip().splitlines()) if line.startswith("{")]
-    for candidate in (text.strip(), *lines):
-        try:
-            data = json.loads(candidate)
-        except ValueError:
-            continue
-        if not isinstance(data, dict):
-            continue
-        try:
-            return TrainerResult.model_validate(
-                {k: v for k, v in data.items() if k in _RESULT_FIELDS}
-            )
-        except ValidationError:
-            continue
-    return None
-
-
-def parse_termination_message(pod: Mapping[str, Any]) -> TrainerResult | None:
-    """The trainer's result from a pod's terminated container, or None."""
-    for terminated in _terminated_states(pod):
-        result = parse_result_text(terminated.get("message"))
-        if result is not None:
-            return result
-    return None
-
-
-def _finished_at(pod: Mapping[str, Any]) -> datetime | None:
-    times = [parse_time(t.get("finishedAt")) for t in _terminated_states(pod)]
-    return max((t for t in times if t is not None), default=None)
-
-
-def _leader_first(pod: Mapping[str, Any]) -> tuple[bool, datetime, bool]:
-    """Sort key: the pod of completion index 0 (the one that writes the result of a
-    multi-node run), then the latest to finish. Times have one-second resolution; of two
-    pods that finished in the same second, the one that succeeded is the later (nothing
-    runs after a success)."""
-    annotations = (pod.get("metadata") or {}).get("annotations") or {}
-    leader = annotations.get(names.ANNOTATION_COMPLETION_INDEX, "0") == "0"
-    return leader, _finished_at(pod) or _created(pod), _phase(pod) == "Succeeded"
-
-
-def latest_result(pods: Sequence[Mapping[str, Any]]) -> TrainerResult | None:
-    """The result of the most recently terminated pod that left a readable one."""
-    for pod in sorted(pods, key=_leader_first, reverse=True):
-        result = parse_termination_message(pod)
-        if result is not None:
-            return result
-    return None
-
-
-def exit_code(pod: Mapping[str, Any]) -> int | None:
-    """The first non-zero exit code of a pod's containers, or None."""
-    for terminated in _terminated_states(pod):
-        code = terminated.get("exitCode")
-        if isinstance(code, int) and code != 0:
-            return code
-    return None
-
-
-def disruption(pod: Mapping[str, Any]) -> str | None:
-    """Why Kubernetes disrupted a pod (preemption, eviction, node drain), or None."""
-    for condition in _status(pod).get("conditions") or []:
-        if condition.get("type") == _DISRUPTION and condition.get("status") == "True":
-            detail = condition.get("message") or condition.get("reason") or "disrupted"
-            return f"Pod {_name(pod)} was preempted: {detail}"
-    return None
-
-
-def _phase(pod: Mapping[str, Any]) -> str:
-    return str(_status(pod).get("phase") or "Pending")
-
-
-def _pending_detail(pod: Mapping[str, Any]) -> str:
-    name = _name(pod)
-    for condition in _status(pod).get("conditions") or []:
-        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
-            why = condition.get("message") or condition.get("reason") or "no node fits"
-            return f"Pod {name} is not scheduled: {why}"
-    for container in _status(pod).get("containerStatuses") or []:
-        waiting = (container.get("state") or {}).get("waiting")
-        if isinstance(waiting, Mapping) and waiting.get("reason"):
-            detail = f": {waiting['message']}" if waiting.get("message") else ""
-            return f"Pod {name} is waiting: {waiting['reason']}{detail}"
-    return f"Pod {name} is starting"
-
-
-def _gpus(pod: Mapping[str, Any]) -> int:
-    total = 0
-    for container in (pod.get("spec") or {}).get("containers") or []:
-        resources = container.get("resources") or {}
-        limits = resources.get("limits") or resources.get("requests") or {}
-        for key, value in limits.items():
-            if str(key).endswith("/gpu"):
-                try:
-                    total += int(value)
-                except (TypeError, ValueError):
-                    continue
-    return total
-
-
-def gpu_hours(pods: Sequence[Mapping[str, Any]], now: datetime) -> float:
-    """GPUs × hours each pod held them: from the pod's start to its containers' end, or to
-    `now` while it runs. Pods that never started count nothing."""
-    hours = 0.0
-    for pod in pods:
-        gpus = _gpus(pod)
-        start = parse_time(_status(pod).get("startTime"))
-        if not gpus or start is None:
-            continue
-        phase = _phase(pod)
-        end = now if phase == "Running" else _finished_at(pod)
-        if end is None or end <= start:
-            continue
-        hours += gpus * (end - start).total_seconds() / 3600
-    return hours
-
-
-def _text(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _job_condition(job: Mapping[str, Any], *types: str) -> Mapping[str, Any] | None:
-    for condition in _status(job).get("conditions") or []:
-        if (
-            isinstance(condition, Mapping)
-            and condition.get("type") in types
-            and condition.get("status") == "True"
-        ):
-            return condition
-    return None
-
-
 # --- Verdicts --------------------------------------------------------------------------
 
 
@@ -425,10 +233,10 @@ def _last_error(
     code of the latest failed pod."""
     if result is not None and result.reason not in (Reason.SUCCEEDED,):
         return result.reason, result.message or result.reason.value
-    failed = [p for p in pods if _phase(p) == "Failed" or disruption(p)]
+    failed = [p for p in pods if pod_phase(p) == "Failed" or disruption(p)]
     if not failed:
         return None
-    pod = max(failed, key=lambda p: _finished_at(p) or _created(p))
+    pod = max(failed, key=lambda p: finished_at(p) or created_at(p))
     disrupted = disruption(pod)
     if disrupted:
         return Reason.PREEMPTED, disrupted
@@ -436,8 +244,8 @@ def _last_error(
     if code is not None:
         row = classify_exit(code)
         return row.reason, f"the trainer exited with code {code} ({row.meaning})"
-    why = _status(pod).get("message") or _status(pod).get("reason") or "the pod failed"
-    return Reason.INFRASTRUCTURE_ERROR, f"Pod {_name(pod)}: {why}"
+    why = object_status(pod).get("message") or object_status(pod).get("reason") or "the pod failed"
+    return Reason.INFRASTRUCTURE_ERROR, f"Pod {object_name(pod)}: {why}"
 
 
 def _failure_verdict(
@@ -480,7 +288,7 @@ def _active_verdict(
     reached: int,
     run_id: str,
 ) -> _Verdict:
-    failures = int(_status(job).get("failed") or 0)
+    failures = int(object_status(job).get("failed") or 0)
     attempt = f" (attempt {failures + 1} of {spec.backoff_limit + 1})" if failures else ""
     if (job.get("spec") or {}).get("suspend"):
         if spec.suspend:
@@ -499,20 +307,23 @@ def _active_verdict(
                 f"waiting for Kueue admission in queue {spec.queue_name}",
             )
         return _Verdict(
-            JobStage.PENDING, ConditionStatus.UNKNOWN, Reason.PENDING, f"Resuming Job {_name(job)}"
+            JobStage.PENDING,
+            ConditionStatus.UNKNOWN,
+            Reason.PENDING,
+            f"Resuming Job {object_name(job)}",
         )
-    if any(_phase(p) in ("Running", "Succeeded") for p in pods):
+    if any(pod_phase(p) in ("Running", "Succeeded") for p in pods):
         stage = _RUNNING_STAGES[min(reached, len(_RUNNING_STAGES) - 1)]
         return _Verdict(
             stage, ConditionStatus.UNKNOWN, Reason.RUNNING, f"{stage.value} run {run_id}{attempt}"
         )
     # Creation times have one-second resolution: of two pods created in the same second (a
     # pod that failed at once and its replacement), the one still to run is the newer.
-    newest = max(pods, key=lambda p: (_created(p), _phase(p) == "Pending")) if pods else None
-    if newest is not None and _phase(newest) == "Pending" and not disruption(newest):
+    newest = max(pods, key=lambda p: (created_at(p), pod_phase(p) == "Pending")) if pods else None
+    if newest is not None and pod_phase(newest) == "Pending" and not disruption(newest):
         # The first pod, or the replacement of a failed or preempted one, waiting to run.
         last = _last_error([p for p in pods if p is not newest], result)
-        waiting = _pending_detail(newest)
+        waiting = pending_detail(newest)
     else:
         # No pod yet, or the last one ended and the Job has not made the next.
         last = _last_error(pods, result)
@@ -536,11 +347,11 @@ def _job_verdict(
     reached: int,
     run_id: str,
 ) -> _Verdict:
-    if _job_condition(job, "Complete", "SuccessCriteriaMet"):
+    if job_condition(job, "Complete", "SuccessCriteriaMet"):
         return _success_verdict(result, run_id)
-    failure = _job_condition(job, "Failed", "FailureTarget")
+    failure = job_condition(job, "Failed", "FailureTarget")
     if failure is not None:
-        failures = int(_status(job).get("failed") or 0)
+        failures = int(object_status(job).get("failed") or 0)
         return _failure_verdict(spec, failure, pods, result, failures)
     return _active_verdict(spec, job, pods, result, reached, run_id)
 
@@ -836,9 +647,7 @@ def compute_status(
     pods = [p for p in observed.pods if job_run_id(p) in (None, run_id)] if job else []
     result = observed.result if job is not None else None
     scrape = observed.progress if job is not None else None
-    completed = (
-        job is not None and _job_condition(job, "Complete", "SuccessCriteriaMet") is not None
-    )
+    completed = job is not None and job_condition(job, "Complete", "SuccessCriteriaMet") is not None
     reached = _reached(spec, same_run, scrape, result, completed)
 
     if job is not None:
@@ -868,14 +677,14 @@ def compute_status(
 
     start_time = same_run.start_time if same_run and same_run.start_time else None
     if start_time is None and job is not None:
-        start_time = _text(_status(job).get("startTime"))
+        start_time = text_or_none(object_status(job).get("startTime"))
     completion_time = None
     if terminal and job is not None:
-        failure = _job_condition(job, "Failed", "FailureTarget")
+        failure = job_condition(job, "Failed", "FailureTarget")
         completion_time = (
             (same_run.completion_time if same_run else None)
-            or _text(_status(job).get("completionTime"))
-            or _text((failure or {}).get("lastTransitionTime"))
+            or text_or_none(object_status(job).get("completionTime"))
+            or text_or_none((failure or {}).get("lastTransitionTime"))
             or rfc3339(now)
         )
 

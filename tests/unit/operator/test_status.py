@@ -23,20 +23,22 @@ from kubetune.api.v1alpha1.status import (
     StageState,
 )
 from kubetune.operator import names
+from kubetune.operator.pod_state import (
+    MESSAGE_LIMIT,
+    clean_message,
+    gpu_hours,
+    latest_result,
+    parse_termination_message,
+)
 from kubetune.operator.progress import Scrape, StageSample
 from kubetune.operator.status import (
     CONDITION_TYPES,
-    MESSAGE_LIMIT,
     Observed,
     Refusal,
-    clean_message,
     compute_status,
     dump_status,
     events_for,
-    gpu_hours,
-    latest_result,
     load_status,
-    parse_termination_message,
     status_patch,
 )
 from kubetune.storage.layout import run_id_for
