@@ -58,6 +58,7 @@ class Reason(str, Enum):
     SOURCE_NOT_FOUND = "SourceNotFound"
     SOURCE_UNAUTHORIZED = "SourceUnauthorized"
     SECRET_NOT_FOUND = "SecretNotFound"
+    QUOTA_EXCEEDED = "QuotaExceeded"
     MODEL_NEEDS_REMOTE_CODE = "ModelNeedsRemoteCode"
     PICKLE_REFUSED = "PickleRefused"
     SEQUENCE_TOO_LONG = "SequenceTooLong"

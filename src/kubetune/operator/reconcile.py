@@ -38,7 +38,7 @@ from kubetune.api.v1alpha1.finetunejob import DeletePolicy
 from kubetune.operator import names
 from kubetune.operator.cache import Cache, Key
 from kubetune.operator.children import build_children, build_cleanup_pod
-from kubetune.operator.kube import FINALIZER, Kube
+from kubetune.operator.kube import FINALIZER, ApiError, Kube
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.pod import METRICS_PORT_NAME, SpecError, secret_uses
 from kubetune.operator.pod_state import gpu_hours
@@ -47,6 +47,7 @@ from kubetune.operator.runs import Action, decide, job_finished, job_run_id, sel
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.sizing import SizingError
 from kubetune.operator.status import (
+    WAITING_REASONS,
     Observed,
     Refusal,
     compute_status,
@@ -168,8 +169,8 @@ class Reconciler:
         if decision.action in (Action.CREATE, Action.REPLACE) and children is not None:
             refusal = await self._missing_secrets(key, ftj)
             if refusal is None:
-                for obj in children.objects:
-                    await self.kube.create(obj)
+                refusal = await self._create(children.objects)
+            if refusal is None:
                 job = children.job
             else:
                 again = backoff(self._waiting.get(key, 0) + 1)
@@ -178,7 +179,7 @@ class Reconciler:
             await self.kube.patch_job(key[0], _meta(job)["name"], decision.job_patch)
         elif decision.action == Action.WAIT:
             again = 1.0
-        if refusal is None or refusal.reason != Reason.SECRET_NOT_FOUND:
+        if refusal is None or refusal.reason not in WAITING_REASONS:
             self._waiting.pop(key, None)
 
         mine = run_pods(pods, job)
@@ -204,6 +205,31 @@ class Reconciler:
             poll = float(self.settings.status_poll_interval_seconds)
             again = poll if again is None else min(again, poll)
         return again
+
+    async def _create(self, objects: Sequence[Mapping[str, Any]]) -> Refusal | None:
+        """Create the run's children in order; a ResourceQuota or policy refusal becomes
+        the status (QuotaExceeded waits and is retried; an admission refusal fails)."""
+        for obj in objects:
+            try:
+                await self.kube.create(obj)
+            except ApiError as error:
+                if error.status not in (403, 422):
+                    raise
+                what = f"{obj['kind']} {obj['metadata']['name']}"
+                if error.status == 403 and "quota" in error.message.lower():
+                    return Refusal(
+                        Reason.QUOTA_EXCEEDED,
+                        f"the namespace's ResourceQuota refuses {what}: {error.message}; raise "
+                        "the quota, wait for other workloads to finish, or lower "
+                        "spec.resources (it is retried with backoff)",
+                    )
+                return Refusal(
+                    Reason.INVALID_SPEC,
+                    f"the API server refused {what} ({error.status} {error.reason}): "
+                    f"{error.message}; an admission policy may forbid it: change the spec "
+                    "or the policy",
+                )
+        return None
 
     async def _missing_secrets(self, key: Key, ftj: FineTuneJob) -> Refusal | None:
         """SecretNotFound naming the first missing Secret or key, or None when all exist."""

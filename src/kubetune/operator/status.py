@@ -76,9 +76,9 @@ MILESTONES = (DATA_PREPARED, TRAINED, EVALUATED, EXPORTED)
 CONDITION_TYPES = (SUCCEEDED, *MILESTONES, GATE_PASSED)
 
 
-WAITING_REASONS = frozenset({Reason.SECRET_NOT_FOUND})
-"""Refusals the user fixes by creating something: the job waits (Succeeded=Unknown)
-instead of failing."""
+WAITING_REASONS = frozenset({Reason.SECRET_NOT_FOUND, Reason.QUOTA_EXCEEDED})
+"""Refusals the user fixes by creating or freeing something (a Secret, quota): the job waits
+(Succeeded=Unknown) and is retried with backoff instead of failing."""
 
 _RUNNING_STAGES = (
     JobStage.PREPARING,

@@ -553,6 +553,31 @@ def test_missing_secret_waits_with_backoff_until_it_exists(
     assert "Waiting for the pod" in condition(started, "Succeeded")["message"]
 
 
+def test_a_quota_refusal_waits_with_backoff_then_the_job_starts(
+    env: KubeEnv, namespace: str, cluster: Cluster
+) -> None:
+    assert env.fake is not None
+    refusal = (
+        'jobs.batch "quota-job" is forbidden: exceeded quota: team-gpus, requested: '
+        "requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=8, limited: "
+        "requests.nvidia.com/gpu=8"
+    )
+    env.fake.inject_error("create", "jobs.batch", status=403, message=refusal, times=2)
+    ftj = FineTuneJobHandle(env, namespace, "quota-job")
+    ftj.create()
+    waiting = ftj.wait(lambda s: succeeded(s)[1] == "QuotaExceeded", "QuotaExceeded")
+    assert waiting["stage"] == "Pending"
+    message = condition(waiting, "Succeeded")["message"]
+    assert message.startswith("the namespace's ResourceQuota refuses Job quota-job-")
+    assert "exceeded quota: team-gpus" in message
+    assert "raise the quota" in message
+    # Retried with backoff (1 s, then 2 s): the third attempt creates the Job.
+    cluster.wait_job(ftj.name, timeout=10)
+    started = ftj.wait(lambda s: succeeded(s)[1] == "Pending", "the Job to be waited on")
+    assert "Waiting for the pod" in condition(started, "Succeeded")["message"]
+    assert len(cluster.jobs(ftj.name)) == 1
+
+
 def test_restart_between_the_writes_and_while_the_job_runs(
     env: KubeEnv,
     namespace: str,
