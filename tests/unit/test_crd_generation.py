@@ -38,12 +38,17 @@ def test_generated_files_are_up_to_date(repo_root: Path) -> None:
     assert stale_files(repo_root) == [], "run `make generate`"
 
 
-def test_generated_files_cover_both_kinds_and_the_api_doc() -> None:
-    assert set(generated_files()) == {
+def test_generated_files_cover_both_kinds_the_charts_copy_and_the_api_doc() -> None:
+    files = generated_files()
+    assert set(files) == {
         "crds/kubetune.io_finetunejobs.yaml",
         "crds/kubetune.io_modeldeployments.yaml",
+        "charts/kubetune/crds/kubetune.io_finetunejobs.yaml",
+        "charts/kubetune/crds/kubetune.io_modeldeployments.yaml",
         "docs/api.md",
     }
+    for name in ("kubetune.io_finetunejobs.yaml", "kubetune.io_modeldeployments.yaml"):
+        assert files[f"charts/kubetune/crds/{name}"] == files[f"crds/{name}"]
 
 
 @pytest.mark.parametrize(("path", "node"), ALL_NODES, ids=[p for p, _ in ALL_NODES])
