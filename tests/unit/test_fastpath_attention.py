@@ -299,3 +299,23 @@ def test_soft_capping_architectures_keep_sdpa_or_are_refused(
         fastpath.choose_attention(
             FastPaths(attention=AttentionKernel.VARLEN), True, True, model_config=config
         )
+
+
+def test_preference_stages_run_on_sdpa_and_sft_keeps_varlen(tiny_model_dir: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.api.v1alpha1.alignment import StageSpec, StageType
+    from kubetune.trainer.stages import _stage_attention
+
+    name = fastpath.choose_attention(
+        FastPaths(attention=AttentionKernel.VARLEN), cuda=False, packed=True
+    ).name
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=name)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    with _stage_attention(model, StageSpec(type=StageType.SFT)):
+        assert model.config._attn_implementation == fastpath.ATTENTION_NAME
+    with _stage_attention(model, StageSpec(type=StageType.DPO)):
+        assert model.config._attn_implementation == "sdpa"
+        assert base.model.layers[0].self_attn.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == fastpath.ATTENTION_NAME

@@ -19,7 +19,8 @@ from its final checkpoint, and resumes inside the stage where it stopped.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -213,9 +214,10 @@ def run_stages(
             _restore(chain.model, store, restore[0], work_dir, restore[1])
             restore = None
         log(f"Stage {name}: {stage.type.value}")
-        result, reward_dir = _run_stage(
-            ctx, index, stage, chain.model, data[index], stage_layout, reward_dir
-        )
+        with _stage_attention(chain.model, stage):
+            result, reward_dir = _run_stage(
+                ctx, index, stage, chain.model, data[index], stage_layout, reward_dir
+            )
         record = {
             "name": name,
             "type": stage.type.value,
@@ -234,6 +236,25 @@ def run_stages(
     if restore is not None:
         _restore(chain.model, store, restore[0], work_dir, restore[1])
     return chain
+
+
+@contextmanager
+def _stage_attention(model: Any, stage: StageSpec) -> Iterator[None]:
+    """Packed-batch attention (`kubetune_varlen`) for SFT only: the preference and RLHF
+    stages train on padded batches, which it would hand to SDPA anyway, so they run on
+    SDPA directly; the implementation is restored afterwards."""
+    from kubetune.trainer.fastpath import ATTENTION_NAME
+
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if stage.type == StageType.SFT or current != ATTENTION_NAME:
+        yield
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(ATTENTION_NAME)
 
 
 def _run_stage(
