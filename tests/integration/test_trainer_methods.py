@@ -181,8 +181,8 @@ def test_a_complete_run_is_not_repeated(tmp_path: Path, tiny_model_dir: Path) ->
 def test_unavailable_features_are_refused_before_any_work(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    spec = job_spec(tiny_model_dir, stages=[{"type": "SFT"}, {"type": "KTO"}])
-    with pytest.raises(Exception, match="KTO are not available") as info:
+    spec = job_spec(tiny_model_dir, stages=[{"type": "SFT"}, {"type": "ORPO"}])
+    with pytest.raises(Exception, match="ORPO are not available") as info:
         run(tmp_path, spec)
     assert getattr(info.value, "reason", None) == Reason.INVALID_SPEC
     assert not (tmp_path / "out").exists()
