@@ -79,8 +79,12 @@ class Cache:
     def observe_modeldeployment(
         self, body: Mapping[str, Any], deleted: bool, references: set[str]
     ) -> Key:
-        """Record a ModelDeployment and the FineTuneJobs it references."""
+        """Record a ModelDeployment (from a watch event, or as the operator's own status
+        write returned it) and the FineTuneJobs it references, unless the cache already
+        holds a newer version of it."""
         key = key_of(body)
+        if not deleted and older(body, self.modeldeployments.get(key)):
+            return key
         for servers in self.servers_of.values():
             servers.discard(key)
         if deleted:

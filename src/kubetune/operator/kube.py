@@ -177,9 +177,10 @@ class Kube:
 
     async def patch_modeldeployment_status(
         self, namespace: str, name: str, patch: Mapping[str, Any]
-    ) -> None:
-        """Merge-patch a ModelDeployment's status subresource."""
-        await self._call(
+    ) -> dict[str, Any] | None:
+        """Merge-patch a ModelDeployment's status subresource; the ModelDeployment as
+        written."""
+        return await self._call(
             self.custom.patch_namespaced_custom_object_status,
             GROUP,
             VERSION,

@@ -14,7 +14,9 @@ Level-based like the FineTuneJob reconciler (`reconcile.py`), from the watch cac
    a new manifest digest changes the pod template and rolls out. The autoscaler owns the
    replica count when there is one. The other children are created when missing and
    patched when the ModelDeployment's generation moved; an autoscaler or ServiceMonitor the
-   plan no longer has is deleted.
+   plan no longer has is deleted. Labels copied from the ModelDeployment are left out of
+   the hash: a label edit moves no generation, and in the pod template it would restart
+   every replica, so it reaches the children with their next change.
 4. The status mirrors the Deployment (`serving_status.compute_serving_status`): Ready only
    when a replica of the current template is ready and no pod is crash-looping.
 """
@@ -40,8 +42,9 @@ from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.serving import ServingError
 from kubetune.operator.serving_checks import ClusterFeatures
 from kubetune.operator.serving_objects import ServingChildren, build_serving
-from kubetune.operator.serving_resolve import resolve
+from kubetune.operator.serving_resolve import referenced_jobs, resolve
 from kubetune.operator.serving_status import (
+    ReadyReason,
     compute_serving_status,
     load_serving_status,
     serving_status_patch,
@@ -54,11 +57,24 @@ logger = logging.getLogger("kubetune.operator")
 ANNOTATION_DESIRED = "kubetune.io/desired-hash"
 """On the Deployment: the hash of what the operator last wanted it to be."""
 OPTIONAL_KINDS = ("HorizontalPodAutoscaler", "ScaledObject", "ServiceMonitor")
+NORMAL_REASONS = frozenset({ReadyReason.DEPLOYING.value, ReadyReason.SCALED_TO_ZERO.value})
+"""Ready False for these is the normal course (a rollout, no replica wanted): their Events
+are Normal, so alerts on Warning Events fire for problems only."""
 
 
 def desired_hash(obj: Mapping[str, Any]) -> str:
     """A stable hash of a desired object (its rendering is deterministic)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def without_labels(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    """A desired Deployment without the labels of its metadata and pod template: besides
+    the ModelDeployment's own labels (which never change for a name) they are the ones
+    copied from its metadata."""
+    copied: dict[str, Any] = json.loads(json.dumps(deployment))
+    copied["metadata"].pop("labels", None)
+    copied["spec"]["template"]["metadata"].pop("labels", None)
+    return copied
 
 
 def _meta(body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -126,7 +142,12 @@ class ServingReconciler:
         )
         patch = serving_status_patch(body.get("status"), new)
         if patch is not None:
-            await self.kube.patch_modeldeployment_status(key[0], key[1], patch)
+            written = await self.kube.patch_modeldeployment_status(key[0], key[1], patch)
+            if written is not None:
+                # The next pass must start from this status, even when it runs before the
+                # watch event of this write (a Deployment's or a pod's often comes first):
+                # else it writes the same status and records the same Event again.
+                self.cache.observe_modeldeployment(written, False, referenced_jobs(md))
         await self._events(body, previous, new)
         ready = next((c.status.value for c in new.conditions or [] if c.type == "Ready"), None)
         self._ready[key] = ready or "Unknown"
@@ -150,12 +171,15 @@ class ServingReconciler:
         live: Mapping[str, Any] | None,
         generation_changed: bool,
     ) -> dict[str, Any] | None:
-        """Make the children match; returns the Deployment as written, if it was."""
+        """Make the children match; returns the Deployment as written, if it was. The
+        children besides the Deployment (not watched) are written when the Deployment is
+        new or the ModelDeployment's generation moved, not on every pass."""
         written = None
+        settled = live is not None and not generation_changed
         for obj in children.objects:
             if obj["kind"] == "Deployment":
                 written = await self._apply_deployment(obj, live, children)
-            else:
+            elif not settled:
                 created = await self.kube.create(obj)
                 immutable = obj["kind"] == "PersistentVolumeClaim"
                 if not created and generation_changed and not immutable:
@@ -180,7 +204,7 @@ class ServingReconciler:
     ) -> dict[str, Any] | None:
         """Create or replace the Deployment when what is wanted of it changed."""
         desired = json.loads(json.dumps(desired))
-        digest = desired_hash(desired)
+        digest = desired_hash(without_labels(desired))
         desired["metadata"].setdefault("annotations", {})[ANNOTATION_DESIRED] = digest
         if live is None:
             await self.kube.create(desired)
@@ -203,5 +227,6 @@ class ServingReconciler:
 
         before, after = ready(previous), ready(new)
         if after is not None and (before is None or before[:2] != after[:2]):
-            kind = "Normal" if after[0] in ("True", "Unknown") else "Warning"
+            normal = after[0] in ("True", "Unknown") or after[1] in NORMAL_REASONS
+            kind = "Normal" if normal else "Warning"
             await self.kube.post_event(body, kind, after[1], after[2] or after[1])

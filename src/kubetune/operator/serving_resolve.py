@@ -3,10 +3,11 @@
 The operator holds no storage credentials (DESIGN §8), so it never reads a run's files:
 
 - A `fineTuneJobRef` resolves through the FineTuneJob: its `status.runs` give the newest
-  run that succeeded (and passed its gate, unless `requireGate: false`) with its RUN_URI and
-  manifest digest; its spec gives the method, the LoRA settings (rank, DoRA,
-  modules_to_save) and the variants its export makes. The serving pod's init container
-  then fetches exactly that manifest (`--expect-digest`) and verifies every file.
+  run that succeeded (and passed its gate, unless `requireGate: false`) with its RUN_URI,
+  manifest digest and headline metrics; its spec gives the method, the LoRA settings
+  (rank, DoRA, modules_to_save) and the variants its export makes. The serving pod's init
+  container then fetches exactly that manifest (`--expect-digest`) and verifies every
+  file.
 - A `uri` (a RUN_URI) is taken as it is: runs never change once published, so the URI
   itself pins the artifact; the init container checks the gate (`--require-gate`) and the
   files. The operator cannot check such an adapter's settings: adapters given by `uri`
@@ -67,6 +68,17 @@ def adapter_info(ftj: FineTuneJob) -> AdapterInfo | None:
     return None
 
 
+def run_metrics(status: FineTuneJobStatus, run_id: str) -> dict[str, str]:
+    """The headline metrics of one run: its record in `status.runs`, else the status's own
+    when the status describes that run. `status.metrics` belongs to the newest run, so a
+    run still training must not take the served run's scores away (that would rewrite the
+    Deployment's lineage while it serves the same artifact)."""
+    record = next((r for r in status.runs or () if r.run_id == run_id), None)
+    if record is not None and record.metrics:
+        return dict(record.metrics)
+    return dict(status.metrics or {}) if status.run_id == run_id else {}
+
+
 def artifact_from_job(ftj: FineTuneJob, run: JobRun, variant: Variant) -> ResolvedArtifact:
     """A run of a FineTuneJob as the builders need it."""
     status = ftj.status or FineTuneJobStatus()
@@ -85,7 +97,7 @@ def artifact_from_job(ftj: FineTuneJob, run: JobRun, variant: Variant) -> Resolv
             "dataset": {"digest": dataset_digest} if dataset_digest else {},
             "gatePassed": run.gate_passed,
         },
-        metrics=dict(status.metrics or {}),
+        metrics=run_metrics(status, run.run_id),
         gate_passed=run.gate_passed,
         adapter=adapter_info(ftj),
         fine_tune_job=ftj.metadata.name,
