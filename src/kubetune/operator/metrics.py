@@ -9,13 +9,17 @@ namespaces), never per object, so the series count stays small.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Mapping
 from threading import Thread
+from typing import TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from kubetune.api.v1alpha1.status import JobStage
+
+T = TypeVar("T")
 
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """Reconcile latency buckets in seconds: most reconciles take milliseconds; API retries and
@@ -71,6 +75,17 @@ class OperatorMetrics:
         """Count one reconcile of `kind` with its `result` and record how long it took."""
         self.reconciles.labels(kind, result).inc()
         self.latency.labels(kind).observe(max(0.0, seconds))
+
+    async def timed(self, kind: str, reconcile: Awaitable[T]) -> T:
+        """Await one reconcile of `kind`, counting it (ok or error) and its latency."""
+        started = time.monotonic()
+        result = "error"
+        try:
+            value = await reconcile
+            result = "ok"
+            return value
+        finally:
+            self.observe_reconcile(kind, time.monotonic() - started, result)
 
     def record_error(self, reason: str) -> None:
         """Count one error by its CamelCase reason (e.g. SecretNotFound)."""

@@ -116,14 +116,7 @@ class Reconciler:
 
     async def __call__(self, key: Hashable) -> float | None:
         assert isinstance(key, tuple)
-        started = time.monotonic()
-        result = "error"
-        try:
-            again = await self.reconcile(key)
-            result = "ok"
-            return again
-        finally:
-            self.metrics.observe_reconcile("FineTuneJob", time.monotonic() - started, result)
+        return await self.metrics.timed("FineTuneJob", self.reconcile(key))
 
     async def reconcile(self, key: Key) -> float | None:
         """One pass over a FineTuneJob; returns seconds until it needs another look."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -96,14 +95,7 @@ class ServingReconciler:
 
     async def __call__(self, key: Hashable) -> float | None:
         assert isinstance(key, tuple)
-        started = time.monotonic()
-        result = "error"
-        try:
-            again = await self.reconcile(key)
-            result = "ok"
-            return again
-        finally:
-            self.metrics.observe_reconcile("ModelDeployment", time.monotonic() - started, result)
+        return await self.metrics.timed("ModelDeployment", self.reconcile(key))
 
     async def reconcile(self, key: Key) -> float | None:
         """One pass over a ModelDeployment; returns seconds until it needs another look."""

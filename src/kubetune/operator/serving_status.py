@@ -22,8 +22,6 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from pydantic import ValidationError
-
 from kubetune.api.contract import EXIT_CODES, Reason
 from kubetune.api.meta import Condition, ConditionStatus
 from kubetune.api.v1alpha1.modeldeployment import (
@@ -32,6 +30,7 @@ from kubetune.api.v1alpha1.modeldeployment import (
     ModelDeploymentStatus,
     ServedModelStatus,
 )
+from kubetune.operator import status_io
 from kubetune.operator.pod_state import clean_message
 from kubetune.operator.progress import rfc3339
 from kubetune.operator.serving import (
@@ -373,40 +372,16 @@ def compute_serving_status(
 
 # --- Writing it ------------------------------------------------------------------------
 
-_STATUS_KEYS = frozenset(
-    info.alias or name for name, info in ModelDeploymentStatus.model_fields.items()
-)
-
 
 def load_serving_status(raw: Mapping[str, Any] | None) -> ModelDeploymentStatus | None:
     """The status as stored on the object (keys this model does not know are ignored);
     None when empty or unreadable."""
-    if not raw:
-        return None
-    try:
-        return ModelDeploymentStatus.model_validate(
-            {k: v for k, v in raw.items() if k in _STATUS_KEYS}
-        )
-    except ValidationError:
-        return None
+    return status_io.load(ModelDeploymentStatus, raw)
 
 
 def dump_serving_status(status: ModelDeploymentStatus) -> dict[str, Any]:
     """The status as written to the API (camelCase, no nulls)."""
-    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
-def _merge_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    patch: dict[str, Any] = {key: None for key in old if key not in new}
-    for key, value in new.items():
-        before = old.get(key)
-        if before == value:
-            continue
-        if isinstance(value, Mapping) and isinstance(before, Mapping):
-            patch[key] = _merge_diff(before, value)
-        else:
-            patch[key] = value
-    return patch
+    return status_io.dump(status)
 
 
 def serving_status_patch(
@@ -415,8 +390,4 @@ def serving_status_patch(
     """The JSON merge patch that turns the stored status into `new`, or None when nothing
     would change. Keys the status model does not know (another controller's) are left
     alone."""
-    before = {k: v for k, v in (previous or {}).items() if k in _STATUS_KEYS}
-    after = dump_serving_status(new)
-    if before == after:
-        return None
-    return _merge_diff(before, after)
+    return status_io.patch_for(previous, new)

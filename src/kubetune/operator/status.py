@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pydantic import ValidationError
-
 from kubetune.api.contract import Reason, TrainerResult, classify_exit
 from kubetune.api.meta import Condition, ConditionStatus
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
@@ -39,6 +37,7 @@ from kubetune.api.v1alpha1.status import (
     StageState,
     StageStatus,
 )
+from kubetune.operator import status_io
 from kubetune.operator.pod_state import (
     clean_message,
     created_at,
@@ -752,46 +751,24 @@ def compute_status(
 
 # --- Writing it ------------------------------------------------------------------------
 
-_STATUS_KEYS = frozenset(
-    info.alias or name for name, info in FineTuneJobStatus.model_fields.items()
-)
-
 
 def load_status(raw: Mapping[str, Any] | None) -> FineTuneJobStatus | None:
     """The status as stored on the object (keys this model does not know are ignored);
     None when empty or unreadable."""
-    if not raw:
-        return None
-    try:
-        return FineTuneJobStatus.model_validate({k: v for k, v in raw.items() if k in _STATUS_KEYS})
-    except ValidationError:
-        return None
+    return status_io.load(FineTuneJobStatus, raw)
 
 
 def dump_status(status: FineTuneJobStatus) -> dict[str, Any]:
     """The status as written to the API (camelCase, no nulls)."""
-    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return status_io.dump(status)
 
 
 def _without_update_time(status: Mapping[str, Any]) -> dict[str, Any]:
-    copy = {k: v for k, v in status.items() if k in _STATUS_KEYS}
+    copy = dict(status)
     progress = copy.get("progress")
     if isinstance(progress, Mapping):
         copy["progress"] = {k: v for k, v in progress.items() if k != "updateTime"}
     return copy
-
-
-def _merge_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    patch: dict[str, Any] = {key: None for key in old if key not in new}
-    for key, value in new.items():
-        before = old.get(key)
-        if before == value:
-            continue
-        if isinstance(value, Mapping) and isinstance(before, Mapping):
-            patch[key] = _merge_diff(before, value)
-        else:
-            patch[key] = value
-    return patch
 
 
 def status_patch(
@@ -800,11 +777,7 @@ def status_patch(
     """The JSON merge patch that turns the stored status into `new`, or None when nothing
     but `progress.updateTime` would change (so the status is written once per change).
     Keys the status model does not know (another controller's) are left alone."""
-    before = {k: v for k, v in (previous or {}).items() if k in _STATUS_KEYS}
-    after = dump_status(new)
-    if _without_update_time(before) == _without_update_time(after):
-        return None
-    return _merge_diff(before, after)
+    return status_io.patch_for(previous, new, _without_update_time)
 
 
 _WARNING_REASONS = frozenset({Reason.PREEMPTED.value})
