@@ -76,26 +76,8 @@ describe_apiserver() {
 }
 
 APT_DIR="$CACHE/apt"
-APT_OPTS=()
-setup_apt() {
-    mkdir -p "$APT_DIR"/{etc/sources.list.d,etc/preferences.d,etc/apt.conf.d,lists/partial,cache/archives/partial,state}
-    : > "$APT_DIR/state/status"                  # pretend nothing is installed
-    echo "deb $DEBIAN_MIRROR $DEBIAN_SUITE main" > "$APT_DIR/etc/sources.list"
-    APT_OPTS=(
-        -o "Dir::Etc::SourceList=$APT_DIR/etc/sources.list"
-        -o "Dir::Etc::SourceParts=$APT_DIR/etc/sources.list.d"
-        -o "Dir::Etc::Preferences=$APT_DIR/etc/preferences"
-        -o "Dir::Etc::PreferencesParts=$APT_DIR/etc/preferences.d"
-        -o "Dir::State=$APT_DIR/state"
-        -o "Dir::State::Lists=$APT_DIR/lists"
-        -o "Dir::State::status=$APT_DIR/state/status"
-        -o "Dir::Cache=$APT_DIR/cache"
-        -o "APT::Architecture=amd64"
-        -o "APT::Architectures::=amd64"
-        -o "Debug::NoLocking=1"
-        -o "APT::Sandbox::User=root"
-    )
-}
+# shellcheck source=lib/private-apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/private-apt.sh"
 
 download_sources() {
     local debs="$CACHE/debs" list="$CACHE/packages.txt"
