@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -112,6 +113,8 @@ class Reconciler:
     _waiting: dict[Key, int] = field(default_factory=dict)
     _stages: dict[Key, str] = field(default_factory=dict)
     _gpu_hours: dict[Key, float] = field(default_factory=dict)
+    _stage_counts: Counter[str] = field(default_factory=Counter)
+    _namespace_hours: dict[str, float] = field(default_factory=dict)
     _released: dict[Key, str] = field(default_factory=dict)
 
     async def __call__(self, key: Hashable) -> float | None:
@@ -333,18 +336,29 @@ class Reconciler:
     def _account(
         self, key: Key, stage: str, pods: Sequence[Mapping[str, Any]], now: datetime
     ) -> None:
-        self._stages[key] = stage
-        counts: dict[str, int] = {}
-        for value in self._stages.values():
-            counts[value] = counts.get(value, 0) + 1
-        self.metrics.set_jobs_by_state(counts)
-        self._gpu_hours[key] = max(self._gpu_hours.get(key, 0.0), gpu_hours(pods, now))
-        by_namespace: dict[str, float] = {}
-        for (namespace, _), hours in self._gpu_hours.items():
-            by_namespace[namespace] = by_namespace.get(namespace, 0.0) + hours
-        self.metrics.set_gpu_hours(by_namespace)
+        """Keep the jobs-by-stage and GPU-hours gauges current, updating only what this
+        job changed (a reconcile never walks every job)."""
+        previous = self._stages.get(key)
+        if previous != stage:
+            if previous is not None:
+                self._stage_counts[previous] -= 1
+            self._stage_counts[stage] += 1
+            self._stages[key] = stage
+            self.metrics.set_jobs_by_state(self._stage_counts)
+        before = self._gpu_hours.get(key, 0.0)
+        hours = max(before, gpu_hours(pods, now))
+        if hours != before:
+            self._gpu_hours[key] = hours
+            namespace = key[0]
+            self._namespace_hours[namespace] = self._namespace_hours.get(namespace, 0.0) + (
+                hours - before
+            )
+            self.metrics.set_gpu_hours(self._namespace_hours)
 
     def _forget(self, key: Key) -> None:
         self._waiting.pop(key, None)
-        self._stages.pop(key, None)
+        stage = self._stages.pop(key, None)
+        if stage is not None:
+            self._stage_counts[stage] -= 1
+            self.metrics.set_jobs_by_state(self._stage_counts)
         self._released.pop(key, None)

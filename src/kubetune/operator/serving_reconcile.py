@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -92,6 +93,7 @@ class ServingReconciler:
     clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
     _waiting: dict[Key, int] = field(default_factory=dict)
     _ready: dict[Key, str] = field(default_factory=dict)
+    _ready_counts: Counter[str] = field(default_factory=Counter)
 
     async def __call__(self, key: Hashable) -> float | None:
         assert isinstance(key, tuple)
@@ -102,8 +104,7 @@ class ServingReconciler:
         body = self.cache.modeldeployments.get(key)
         if body is None or _meta(body).get("deletionTimestamp"):
             self._waiting.pop(key, None)
-            self._ready.pop(key, None)
-            self._count()
+            self._set_ready(key, None)
             return None  # children go by garbage collection
         try:
             md = ModelDeployment.model_validate(body)
@@ -142,8 +143,7 @@ class ServingReconciler:
                 self.cache.observe_modeldeployment(written, False, referenced_jobs(md))
         await self._events(body, previous, new)
         ready = next((c.status.value for c in new.conditions or [] if c.type == "Ready"), None)
-        self._ready[key] = ready or "Unknown"
-        self._count()
+        self._set_ready(key, ready or "Unknown")
         if isinstance(outcome, ServingError) and outcome.waiting:
             attempts = self._waiting.get(key, 0) + 1
             self._waiting[key] = attempts
@@ -151,11 +151,18 @@ class ServingReconciler:
         self._waiting.pop(key, None)
         return None
 
-    def _count(self) -> None:
-        counts: dict[str, int] = {}
-        for value in self._ready.values():
-            counts[value] = counts.get(value, 0) + 1
-        self.metrics.set_deployments_by_readiness(counts)
+    def _set_ready(self, key: Key, ready: str | None) -> None:
+        """Update the readiness gauge by this ModelDeployment's change only."""
+        previous = self._ready.pop(key, None)
+        if ready is not None:
+            self._ready[key] = ready
+        if previous == ready:
+            return
+        if previous is not None:
+            self._ready_counts[previous] -= 1
+        if ready is not None:
+            self._ready_counts[ready] += 1
+        self.metrics.set_deployments_by_readiness(self._ready_counts)
 
     async def _apply(
         self,
