@@ -192,6 +192,7 @@ EXERCISED = {
     "delete",
     "patch_status",
     "patch_modeldeployment_status",
+    "current_uid",
     "set_finalizers",
     "secret_keys",
     "post_event",
@@ -272,6 +273,7 @@ def kube_calls() -> set[tuple[str, str, str]]:
         await kube.delete("Pod", "ml-team", "a")
         await kube.patch_status("ml-team", "a", {"stage": "Pending"})
         await kube.patch_modeldeployment_status("ml-team", "a", {"endpoint": "http://a"})
+        await kube.current_uid("modeldeployments", "ml-team", "a")
         await kube.set_finalizers("ml-team", "a", [], "1")
         await kube.secret_keys("ml-team", "s3-credentials")
         await kube.post_event(owner, "Normal", "Created", "Created Job a")

@@ -92,10 +92,10 @@ same table; tests/chart/test_rbac.py keeps both, and the operator's code, in ste
 - apiGroups: [kubetune.io]
   resources: [finetunejobs]
   verbs: [list, watch, patch]
-# ModelDeployments: watched.
+# ModelDeployments: watched; read once before their first children are created.
 - apiGroups: [kubetune.io]
   resources: [modeldeployments]
-  verbs: [list, watch]
+  verbs: [get, list, watch]
 # Their status: written by the operator only.
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/status, modeldeployments/status]

@@ -175,6 +175,19 @@ class Kube:
         groups = await self._call(self.apis.get_api_versions) or {}
         return {str(group.get("name")) for group in groups.get("groups") or []}
 
+    async def current_uid(self, plural: str, namespace: str, name: str) -> str | None:
+        """The uid of one of our custom resources as the API server has it now (None when
+        it is gone): the check before creating children from a possibly stale cache."""
+        try:
+            found = await self._call(
+                self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, plural, name
+            )
+        except ApiError as error:
+            if error.status == 404:
+                return None
+            raise
+        return str(((found or {}).get("metadata") or {}).get("uid") or "") or None
+
     async def patch_modeldeployment_status(
         self, namespace: str, name: str, patch: Mapping[str, Any]
     ) -> dict[str, Any] | None:

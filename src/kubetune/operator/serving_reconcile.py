@@ -37,7 +37,7 @@ from pydantic import ValidationError
 from kubetune.api.contract import Reason
 from kubetune.api.v1alpha1.modeldeployment import ModelDeployment
 from kubetune.operator.cache import Cache, Key
-from kubetune.operator.kube import Kube
+from kubetune.operator.kube import MODELDEPLOYMENTS, Kube
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.serving import ServingError
 from kubetune.operator.serving_checks import ClusterFeatures
@@ -122,6 +122,10 @@ class ServingReconciler:
         except ServingError as error:
             outcome = error
         if isinstance(outcome, ServingChildren):
+            if deployment is None and await self.kube.current_uid(
+                MODELDEPLOYMENTS, key[0], key[1]
+            ) != _meta(body).get("uid"):
+                return None  # deleted meanwhile: never re-create what it would have owned
             changed = previous is None or previous.observed_generation != generation
             deployment = await self._apply(outcome, deployment, changed) or deployment
         new = compute_serving_status(
