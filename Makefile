@@ -9,7 +9,7 @@ export KUBETUNE_K8S_CACHE ?= $(HOME)/.cache/kubetune/k8s
 # Fetched once per machine: helm, promtool and the Node.js schema checks for the chart.
 export KUBETUNE_TOOLS_CACHE ?= $(HOME)/.cache/kubetune/tools
 
-.PHONY: help dev demo test lint generate verify apiserver tools lock clean
+.PHONY: help dev demo test soak lint generate verify apiserver tools lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -31,6 +31,9 @@ demo: dev  ## the quickstart: LoRA on the built-in model, CPU, a few minutes
 
 test: dev apiserver tools lint  ## lint, then every test that can run on this machine
 	$(PY) -m pytest
+
+soak: dev apiserver  ## randomized fault-injection campaigns (long; not part of `make test`)
+	KUBETUNE_SOAK=1 $(PY) -m pytest -m soak
 
 lint: dev  ## ruff and mypy
 	$(PY) -m ruff check src tests scripts bench
