@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kubetune import __version__
 
@@ -177,6 +177,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import logging
+    import os
     import shutil
     import tempfile
 
@@ -202,7 +203,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix=f"kubetune-{layout.run_id}-"))
-    result = execute(config, work, lambda line: print(line, file=sys.stderr), args.metrics_port)
+    processes = _processes(job.spec, args.nproc_per_node)
+    if processes == 1:
+        # One process trains on one GPU (the Trainer would otherwise wrap the model in
+        # DataParallel over every visible GPU).
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+    if processes > 1:
+        result = _run_distributed(config, work, processes)
+    else:
+        result = execute(config, work, lambda line: print(line, file=sys.stderr), args.metrics_port)
     code = exit_code(result)
     if code != 0:
         print(f"error: {result.reason.value}: {result.message}", file=sys.stderr)
@@ -218,6 +227,54 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     print(result.run_uri)
     return 0
+
+
+def _processes(spec: Any, requested: int | None) -> int:
+    """Trainer processes for `kubetune run`: --nproc-per-node, else one per GPU the job asks
+    for, as far as this machine has them."""
+    if requested is not None:
+        return max(1, requested)
+    gpus = spec.resources.gpus if spec.resources is not None else "Auto"
+    if not isinstance(gpus, int) or gpus <= 1:
+        return 1
+    import torch
+
+    available = torch.cuda.device_count()
+    return min(gpus, available) if available > 1 else 1
+
+
+def _run_distributed(config: Any, work: Path, processes: int) -> Any:
+    """The pipeline in `processes` trainer processes on this machine (torchrun through the
+    launcher the operator's pods use); rank 0 prints the log and publishes."""
+    import subprocess
+
+    from kubetune.api.contract import Reason, TrainerResult
+
+    config_path, result_path = work / "trainer-config.json", work / "result.json"
+    config_path.write_text(config.model_dump_json(by_alias=True), encoding="utf-8")
+    command = [
+        sys.executable,
+        "-m",
+        "kubetune.trainer.launch",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "--",
+        "--config",
+        str(config_path),
+        "--result-file",
+        str(result_path),
+        "--work-dir",
+        str(work),
+    ]
+    print(f"Training in {processes} processes (torchrun)", file=sys.stderr)
+    code = subprocess.call(command)
+    try:
+        return TrainerResult.model_validate_json(result_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return TrainerResult(
+            reason=Reason.INFRASTRUCTURE_ERROR,
+            message=f"the trainer processes exited with {code} without a result",
+        )
 
 
 def cmd_calc(args: argparse.Namespace) -> int:
@@ -473,6 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="PORT",
         help="serve Prometheus metrics on this port while training (default: off)",
+    )
+    run.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        metavar="N",
+        help="trainer processes (one per GPU) through torchrun (default: resources.gpus, as "
+        "far as this machine has GPUs, else 1)",
     )
     run.set_defaults(func=cmd_run)
 

@@ -431,6 +431,10 @@ def scratch_volume(
     }
 
 
+LAUNCHER = ("python", "-m", "kubetune.trainer.launch")
+"""torchrun with the trainer's exit code (one process per GPU, several GPUs or nodes)."""
+
+
 def _launch(plan: TrainerPlan) -> tuple[list[str], list[str]]:
     trainer = [
         "-m",
@@ -450,9 +454,14 @@ def _launch(plan: TrainerPlan) -> tuple[list[str], list[str]]:
             "--master-addr=$(MASTER_ADDR)",
             "--master-port=$(MASTER_PORT)",
         ]
-        return ["torchrun"], [*rendezvous, *trainer]
+        return [*LAUNCHER], [*rendezvous, "--", *trainer[2:]]
     if plan.sizing.gpus > 1:
-        return ["torchrun"], ["--standalone", "--nproc-per-node=$(NPROC_PER_NODE)", *trainer]
+        return [*LAUNCHER], [
+            "--standalone",
+            "--nproc-per-node=$(NPROC_PER_NODE)",
+            "--",
+            *trainer[2:],
+        ]
     return ["python"], trainer
 
 

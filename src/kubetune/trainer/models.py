@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from kubetune.api.base import parse_decimal
 from kubetune.api.contract import Reason
@@ -129,13 +129,20 @@ def load_base_model(
 ) -> PreTrainedModel:
     """The base model, quantized to 4 bits for QLoRA, random for builtin://random, with the
     attention implementation `fastpath.choose_attention` picked."""
+    import torch
     from transformers import AutoModelForCausalLM
 
+    # On the GPU from the start: the base model is measured before training, and the CPU
+    # would take minutes for what the GPU does in seconds.
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
     path = resolved.path
     if resolved.random_weights:
         if spec.method != Method.QLORA:
             model = build_random_model(resolved.path, seed, precisions.load)
             model.set_attn_implementation(attn_implementation)
+            if device is not None:
+                model = cast("PreTrainedModel", model.to(device))  # type: ignore[arg-type]
             return model
         # bitsandbytes quantizes while loading: write the random weights once, load them 4-bit.
         path = work_dir / "random-weights"
@@ -145,13 +152,11 @@ def load_base_model(
             )
     kwargs: dict[str, Any] = resolved.from_pretrained_kwargs()
     if spec.method == Method.QLORA:
-        import torch
-
         kwargs["quantization_config"] = _bnb_config(spec.qlora or QLoRASpec())
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
     else:
         kwargs["dtype"] = precisions.load
+    if device is not None:
+        kwargs["device_map"] = {"": device.index}
     kwargs["attn_implementation"] = attn_implementation
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
@@ -269,3 +274,37 @@ def tokenizer_for(resolved: ResolvedModel, spec: FineTuneJobSpec) -> PreTrainedT
         trust_remote_code=resolved.trust_remote_code,
         chat_template=chat_template_override(spec.dataset.chat_template),
     )
+
+
+def load_trained(
+    spec: FineTuneJobSpec,
+    resolved: ResolvedModel,
+    trained_dir: Path,
+    precisions: Precisions,
+    seed: int,
+    work_dir: Path,
+    attn_implementation: str = "sdpa",
+) -> PreTrainedModel:
+    """The trained model read back from its saved folder (the adapter on a fresh base, or
+    the full weights), on the GPU when there is one: how rank 0 continues alone after a
+    run on several GPUs, whose in-memory model is sharded across processes."""
+    import torch
+
+    model: Any
+    if spec.method == Method.FULL:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            str(trained_dir), dtype=precisions.load, attn_implementation=attn_implementation
+        )
+    else:
+        from peft import PeftModel
+
+        base = load_base_model(
+            spec, resolved, precisions, seed, work_dir, attn_implementation=attn_implementation
+        )
+        model = PeftModel.from_pretrained(base, str(trained_dir))
+    if torch.cuda.is_available() and spec.method != Method.QLORA:
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))
+    model.eval()
+    return model

@@ -22,7 +22,16 @@ from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.api.v1alpha1.training import TrainingSpec
 from kubetune.storage import ObjectInfo, RunLayout, Store, open_store, spec_hash
 from kubetune.storage.manifest import read_manifest, write_manifest
-from kubetune.trainer import eval_stage, evaluate, export, export_stage, fastpath, models, stages
+from kubetune.trainer import (
+    distributed,
+    eval_stage,
+    evaluate,
+    export,
+    export_stage,
+    fastpath,
+    models,
+    stages,
+)
 from kubetune.trainer.data_stage import (
     EVAL_DATA,
     run_data_stage,
@@ -109,7 +118,8 @@ def run_pipeline(
     """Run (or resume) the whole job; returns the result for the termination message.
     With `metrics_port`, progress and the current pipeline step are served for Prometheus
     and the operator for the whole run."""
-    gauges = Metrics(metrics_port) if metrics_port else None
+    # Only rank 0 serves them: it is the process whose progress and phase the run reports.
+    gauges = Metrics(metrics_port) if metrics_port and distributed.topology().main else None
     try:
         return _run_pipeline(config, work_dir=work_dir, log=log, gauges=gauges)
     finally:
@@ -129,30 +139,37 @@ def _run_pipeline(
 
     spec = config.spec
     check_supported(spec)
+    cuda = torch.cuda.is_available()
+    topo = distributed.topology()
+    distributed.check(spec, topo, cuda=cuda)
     layout = _layout(config)
-    store = _open(config, layout)
+    store = distributed.store_for(_open(config, layout), topo)
     if store.exists(layout.key(layout.MANIFEST)):
         log(f"Run already complete: {layout.run_uri}")
         return _result_from_manifest(store, layout)
-    log(f"Run {layout.run_uri}")
+    distributed.start(topo, cuda=cuda)
+    work_dir = topo.work_dir(work_dir)
+    if not topo.main:
+        log = _silent  # rank 0 tells the story; the other ranks' failures come as results
+    log(f"Run {layout.run_uri}" + (f" ({topo.describe()})" if topo.distributed else ""))
     _phase(gauges, "Preparing")
-    resolved = resolve_model(spec.model, allow_builtin_random=config.allow_builtin_random)
-    _check_export(spec, resolved)
-    tokenizer = models.tokenizer_for(resolved, spec)
-    data = run_data_stage(
-        spec, layout, store, tokenizer_dir=resolved.path, work_dir=work_dir, log=log
-    )
-    has_eval_set = run_eval_data_stage(
-        spec, layout, store, tokenizer_dir=resolved.path, work_dir=work_dir, log=log
-    )
+    with distributed.main_first(topo):  # rank 0 converts, prepares and publishes the data
+        resolved = resolve_model(spec.model, allow_builtin_random=config.allow_builtin_random)
+        _check_export(spec, resolved)
+        tokenizer = models.tokenizer_for(resolved, spec)
+        data = run_data_stage(
+            spec, layout, store, tokenizer_dir=resolved.path, work_dir=work_dir, log=log
+        )
+        has_eval_set = run_eval_data_stage(
+            spec, layout, store, tokenizer_dir=resolved.path, work_dir=work_dir, log=log
+        )
+        stage_data = _stage_data(spec, layout, store, resolved.path, data.report, work_dir, log)
     train_path = _local_copy(store, layout, layout.DATA_TRAIN, work_dir / "run")
     val_path = _local_copy(store, layout, layout.DATA_VAL, work_dir / "run")
-    stage_data = _stage_data(spec, layout, store, resolved.path, data.report, work_dir, log)
     eval_path = _local_copy(store, layout, EVAL_DATA, work_dir / "run") if has_eval_set else None
     evaluation = spec.evaluation or EvaluationSpec()
     inputs = eval_stage.prepare_inputs(evaluation, val_path, eval_path, work_dir, log)
 
-    cuda = torch.cuda.is_available()
     _preflight(spec, resolved, cuda, log)
     training = spec.training or TrainingSpec()
     precisions = models.choose_precision(
@@ -166,9 +183,11 @@ def _run_pipeline(
     model = models.load_base_model(
         spec, resolved, precisions, training.seed, work_dir, attn_implementation=attention.name
     )
-    base = eval_stage.base_scores(
-        store, layout, model, tokenizer, inputs, evaluation, training.batch_size, log
-    )
+    base = None
+    if topo.main:
+        base = eval_stage.base_scores(
+            store, layout, model, tokenizer, inputs, evaluation, training.batch_size, log
+        )
 
     models.undo_cpu_inference_packing(model)
     checkpointing = models.gradient_checkpointing(spec, cuda)
@@ -193,7 +212,22 @@ def _run_pipeline(
         max_validation=evaluation.max_samples,
         log=log,
     )
-    trained_dir = export.save_trained(spec, stage.model, tokenizer, work_dir / "trained")
+    if topo.distributed:
+        # The weights are sharded across the processes: the stage gathered them into rank
+        # 0's folder. The other ranks are done; rank 0 reads the weights back and goes on.
+        trained_dir = work_dir / "trained"
+        distributed.barrier(topo)
+        distributed.finish(topo)
+        if not topo.main:
+            return _worker_result(topo, layout, stage.steps)
+        model = stage.model = None  # type: ignore[assignment]
+        _free_accelerator_memory()
+        stage.model = models.load_trained(
+            spec, resolved, trained_dir, precisions, training.seed, work_dir, attention.name
+        )
+    else:
+        trained_dir = export.save_trained(spec, stage.model, tokenizer, work_dir / "trained")
+    assert base is not None  # rank 0 (or the only process) measured the base model
     files = _upload_folder(store, layout, trained_dir, export.trained_folder_name(spec) + "/")
     _phase(gauges, "Evaluating")
     log("Evaluating the tuned model")
@@ -276,6 +310,20 @@ def _run_pipeline(
         metrics=_headline(summary),
         step=steps,
         resumed_from_step=resumed_from,
+    )
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def _worker_result(topo: distributed.Topology, layout: RunLayout, steps: int) -> TrainerResult:
+    """What a rank other than 0 reports: its share of the training is done."""
+    return TrainerResult(
+        reason=Reason.SUCCEEDED,
+        message=f"{topo.describe()} finished training; rank 0 publishes the run",
+        run_uri=layout.run_uri,
+        step=steps,
     )
 
 

@@ -89,6 +89,14 @@ def exit_code(result: TrainerResult) -> int:
     return exit_code_for(result.reason)
 
 
+def _reports(result: TrainerResult) -> bool:
+    """Whether this process writes the pod's result: the only process, the first one of a
+    pod running several (torchrun), or any that failed (its reason is the one to see)."""
+    from kubetune.trainer.distributed import topology
+
+    return topology().local_rank == 0 or exit_code(result) != 0
+
+
 def run_from_file(config_path: Path, result_path: Path, work_dir: Path) -> int:
     """The pod's main: validate the config before importing torch, run, report."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -108,7 +116,8 @@ def run_from_file(config_path: Path, result_path: Path, work_dir: Path) -> int:
         print(result.message, file=sys.stderr)
         return exit_code(result)
     result = execute(config, work_dir, lambda line: logger.info("%s", line), config.metrics_port)
-    write_result(result, result_path)
+    if _reports(result):
+        write_result(result, result_path)
     (logger.info if exit_code(result) == 0 else logger.error)(
         "%s: %s", result.reason.value, result.message
     )

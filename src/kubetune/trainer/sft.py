@@ -29,7 +29,7 @@ from kubetune.api.v1alpha1.training import (
     TrainingSpec,
 )
 from kubetune.storage import RunLayout, Store
-from kubetune.trainer import checkpointing, faults
+from kubetune.trainer import checkpointing, distributed, faults
 from kubetune.trainer.models import Precisions, TrainingSetupError
 from kubetune.trainer.progress import Metrics, StageProgress
 from kubetune.trainer.tokenize import tokenize_all
@@ -174,6 +174,7 @@ def trainer_arguments(
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
         "use_cpu": not cuda,
+        **distributed.trainer_arguments(spec, distributed.topology(), cuda=cuda),
     }
 
 
@@ -241,6 +242,8 @@ def checkpoint_callback(
 
     class CommitCheckpoints(TrainerCallback):
         def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if not state.is_world_process_zero:  # rank 0 holds the gathered checkpoint
+                return
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             commit_checkpoint(store, layout, folder, state.global_step, keep, log_path, stage, log)
 
@@ -382,6 +385,15 @@ def run_trainer(
         output = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    topo = distributed.topology()
+    if topo.distributed:
+        # Gather the sharded weights into rank 0's folder (a collective: every rank calls it);
+        # the pipeline reads them back there. The pickled TrainingArguments are not an
+        # artifact.
+        trainer.save_model(str(work_dir / "trained"))
+        if topo.main:
+            trainer.processing_class.save_pretrained(str(work_dir / "trained"))
+            (work_dir / "trained" / "training_args.bin").unlink(missing_ok=True)
     if stop["requested"]:
         raise Preempted(
             f"stopped by SIGTERM in {stage} at step {trainer.state.global_step} (checkpoint saved)"

@@ -31,7 +31,7 @@ from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.api.v1alpha1.methods import PROMPT_LEARNING_METHODS
 from kubetune.api.v1alpha1.training import TrainingSpec
 from kubetune.storage import RunLayout, Store
-from kubetune.trainer import checkpointing
+from kubetune.trainer import checkpointing, distributed
 from kubetune.trainer.models import Precisions, TrainingSetupError
 from kubetune.trainer.progress import Metrics
 from kubetune.trainer.resolve import ResolvedModel
@@ -224,9 +224,11 @@ def run_stages(
             "steps": result.steps,
             "metrics": result.metrics,
         }
-        store.put_bytes(
-            json.dumps(record).encode(), stage_layout.key(stage_layout.checkpoints_dir + COMPLETE)
-        )
+        if distributed.topology().main:  # only rank 0 publishes
+            store.put_bytes(
+                json.dumps(record).encode(),
+                stage_layout.key(stage_layout.checkpoints_dir + COMPLETE),
+            )
         chain.model = result.model
         chain.steps = result.steps
         chain.log = result.log

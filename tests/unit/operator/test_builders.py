@@ -258,7 +258,7 @@ def test_multi_node_indexed_job_with_headless_service() -> None:
         }
     }
     container = trainer(children)
-    assert container["command"] == ["torchrun"]
+    assert container["command"] == ["python", "-m", "kubetune.trainer.launch"]
     assert container["args"][:5] == [
         "--nnodes=$(NNODES)",
         "--nproc-per-node=$(NPROC_PER_NODE)",
@@ -284,15 +284,15 @@ def test_multi_node_indexed_job_with_headless_service() -> None:
         pytest.param(
             {"gpus": 4},
             None,
-            ["torchrun"],
-            ["--standalone", "--nproc-per-node=$(NPROC_PER_NODE)", "-m"],
+            ["python", "-m", "kubetune.trainer.launch"],
+            ["--standalone", "--nproc-per-node=$(NPROC_PER_NODE)", "--", "--config"],
             "4",
             id="one-node-four-gpus",
         ),
         pytest.param(
             {"gpus": 0},
             {"nodes": 2, "strategy": "DDP"},
-            ["torchrun"],
+            ["python", "-m", "kubetune.trainer.launch"],
             ["--nnodes=$(NNODES)"],
             None,
             id="two-cpu-nodes",
