@@ -371,3 +371,36 @@ def test_no_wildcards_and_secrets_read_only_by_name(helm: Helm) -> None:
     assert not any(
         re.search("escalate|bind|impersonate", v) for verbs in normalized.values() for v in verbs
     )
+
+
+DANGEROUS = {
+    ("", "secrets", "list"),
+    ("", "secrets", "watch"),
+    ("", "pods/exec", "create"),
+    ("", "pods/attach", "create"),
+    ("", "pods/portforward", "create"),
+    ("", "serviceaccounts/token", "create"),
+    ("", "nodes/proxy", "get"),
+}
+"""Grants that read every credential or reach into pods and nodes: never given."""
+
+
+@pytest.mark.tools
+@pytest.mark.parametrize("values", [(), ("namespaced.yaml",), ("monitoring.yaml",)])
+def test_every_rendered_role_is_least_privilege(helm: Helm, values: tuple[str, ...]) -> None:
+    """Each Role and ClusterRole the chart renders, in every mode: no wildcard, no escalation,
+    no Secret listing; the roles aggregated into `edit`/`view` cover kubetune's kinds only."""
+    for doc in helm.template(*values):
+        if doc["kind"] not in ("Role", "ClusterRole"):
+            continue
+        name = doc["metadata"]["name"]
+        rules = normalize(doc.get("rules") or [])
+        for (group, resource), verbs in rules.items():
+            assert "*" not in (group, resource), (name, group, resource)
+            assert "*" not in verbs, (name, group, resource)
+            assert not verbs & {"escalate", "bind", "impersonate"}, (name, resource)
+            assert not {(group, resource, v) for v in verbs} & DANGEROUS, (name, resource)
+        if name.startswith(f"{FULLNAME}-aggregate-"):
+            assert {group for group, _ in rules} == {GROUP}, (name, rules)
+        if name == f"{FULLNAME}-aggregate-view":
+            assert set().union(*rules.values()) <= {"get", "list", "watch"}, rules

@@ -13,6 +13,7 @@ the kubernetes client and ``kubectl`` all work against it:
         env.get("v1", "ConfigMap", "c", "team-a")                 # dict, or None if absent
         env.wait_for(lambda: env.get("batch/v1", "Job", "j", "team-a"), what="Job j")
         env.request_counts()                                     # {("create", "configmaps"): 1}
+        env.kubeconfig_for("my-operator")    # the same server; writes recorded as that user
 
 The fake and the router share one background event loop thread; the CRD server is two
 subprocesses (etcd + apiserver), started in about two seconds; the first write of a custom
@@ -132,26 +133,36 @@ class KubeEnv:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
-    def _write_kubeconfig(self) -> None:
+    def _write_kubeconfig(self, path: Path | None = None, user: str = "kubetune-test") -> Path:
+        path = path or self.kubeconfig_path
         config = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "kubetune-test", "cluster": {"server": self.base_url}}],
-            # The router checks no credentials; a token keeps clients that insist on one happy.
-            "users": [{"name": "kubetune-test", "user": {"token": "kubetune-test"}}],
+            # The router checks no credentials; it tells clients apart by their token.
+            "users": [{"name": user, "user": {"token": user}}],
             "contexts": [
                 {
                     "name": "kubetune-test",
                     "context": {
                         "cluster": "kubetune-test",
-                        "user": "kubetune-test",
+                        "user": user,
                         "namespace": self.default_namespace,
                     },
                 }
             ],
             "current-context": "kubetune-test",
         }
-        self.kubeconfig_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    def kubeconfig_for(self, user: str) -> Path:
+        """A kubeconfig for the same server whose bearer token is ``user``: the router
+        records each write with its client's token (:meth:`KubeRouter.writes`), so a test
+        tells the operator's writes from its own. ``user`` must be a file-name-safe token."""
+        if self._workdir is None:
+            raise RuntimeError("KubeEnv is not started")
+        return self._write_kubeconfig(self._workdir / f"kubeconfig-{user}", user)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -170,12 +181,13 @@ class KubeEnv:
         """Environment variables for a client or operator process (``KUBECONFIG``)."""
         return {"KUBECONFIG": str(self.kubeconfig_path)}
 
-    def request_counts(self) -> dict[tuple[str, str], int]:
+    def request_counts(self, user: str | None = None) -> dict[tuple[str, str], int]:
         """Requests per ``(verb, resource)`` seen at the router (both servers), e.g.
         ``("create", "jobs.batch")``, ``("patch", "finetunejobs.kubetune.io/status")``,
-        ``("watch", "pods")``; discovery as ``("get", "/apis")``."""
+        ``("watch", "pods")``; discovery as ``("get", "/apis")``. Only ``user``'s (a
+        bearer token, see :meth:`kubeconfig_for`) when given."""
         assert self.router is not None
-        return self.router.request_counts()
+        return self.router.request_counts(user)
 
     def reset_counts(self) -> None:
         assert self.router is not None

@@ -32,6 +32,14 @@ def owner_key(body: Mapping[str, Any], label: str = names.LABEL_FINETUNEJOB) -> 
     return (str(meta.get("namespace", "")), str(owner)) if owner else None
 
 
+def controller_uid(body: Mapping[str, Any]) -> str | None:
+    """The uid of an object's controller (its ownerReference with `controller: true`)."""
+    for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("uid") or "") or None
+    return None
+
+
 def _children() -> dict[Key, dict[str, dict[str, Any]]]:
     return defaultdict(dict)
 
@@ -138,8 +146,21 @@ class Cache:
         owner = self._observe_child(self.pods, body, deleted)
         return ("FineTuneJob", owner) if owner else None
 
-    def children(self, key: Key) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(jobs, pods) of a FineTuneJob."""
+    def children(
+        self, key: Key, owner_uid: str | None = None
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(jobs, pods) of a FineTuneJob; with `owner_uid`, without those another object
+        controls: Jobs of another FineTuneJob object, pods of such Jobs.
+
+        Children are found by name (their label), but a FineTuneJob deleted and created
+        again under the same name is another object: the old one's Jobs and pods, still
+        being collected or kept here by a relist after `410 Gone` (which reports no
+        deletions), are not the new one's to track.
+        """
         jobs = list(self.jobs.get(key, {}).values())
         pods = list(self.pods.get(key, {}).values())
-        return jobs, pods
+        if owner_uid is None:
+            return jobs, pods
+        jobs = [job for job in jobs if controller_uid(job) in (None, owner_uid)]
+        owners = {None, owner_uid} | {(job.get("metadata") or {}).get("uid") for job in jobs}
+        return jobs, [pod for pod in pods if controller_uid(pod) in owners]

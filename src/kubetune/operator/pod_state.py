@@ -23,18 +23,30 @@ MESSAGE_LIMIT = 1024
 DISRUPTION = "DisruptionTarget"
 
 
+SECRET_NAME = (
+    r"(?:[A-Za-z0-9]{1,32}[_-]){0,6}"
+    r"(?:secret[_-]?access[_-]?key|access[_-]?key[_-]?id|session[_-]?token|api[_-]?key"
+    r"|secret|token|password|passwd)"
+)
+"""A name whose value is a credential, in any spelling a library or a server uses:
+`AWS_SECRET_ACCESS_KEY`, `secretAccessKey`, `X-Amz-Security-Token`, `HF_TOKEN`,
+`KUBETUNE_JUDGE_API_KEY`, `client_secret`, `refresh_token`, `password`. Only the last word
+counts, so `credentialsSecretRef` and `max_tokens` are not names of credentials."""
+
 REDACTIONS = (
     (re.compile(r"(?i)(://)[^/\s:@]+:[^/\s@]+@"), r"\1***@"),
     (re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b"), "***"),
     (re.compile(r"\bhf_[A-Za-z0-9]{16,}\b"), "***"),
     (re.compile(r"\bsk-[A-Za-z0-9_-]{16,}"), "***"),
     (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+"), r"\1 ***"),
-    (re.compile(r"(?i)(x-amz-(?:signature|credential|security-token)=)[^&\s]+"), r"\1***"),
     (
-        re.compile(
-            r"(?i)\b((?:aws_)?(?:secret_access_key|session_token|access_key_id)|password|passwd"
-            r"|secret|token|api[_-]?key)([\"']?\s*[=:]\s*)([\"']?)[^\s\"',;&]+"
-        ),
+        re.compile(r"(?i)\b(authorization[\"']?\s*[=:]\s*[\"']?basic)\s+[A-Za-z0-9+/=]+"),
+        r"\1 ***",
+    ),
+    (re.compile(r"(?i)(x-amz-(?:signature|credential|security-token)=)[^&\s]+"), r"\1***"),
+    (re.compile(r"(?i)\b(credential=)[^/\s,&]+"), r"\1***"),
+    (
+        re.compile(rf"(?i)\b({SECRET_NAME})([\"']?\s*[=:]\s*)([\"']?)[^\s\"',;&]+"),
         r"\1\2\3***",
     ),
 )

@@ -149,7 +149,7 @@ class Reconciler:
         spec, now = ftj.spec, self.clock()
         previous = load_status(body.get("status"))
         run_id = run_id_for(spec)
-        jobs, pods = self.cache.children(key)
+        jobs, pods = self.cache.children(key, str(_meta(body).get("uid") or "") or None)
         job: Mapping[str, Any] | None = select_job(jobs, run_id)
         children, refusal = None, None
         try:
@@ -285,7 +285,7 @@ class Reconciler:
             # its owner and could delete the artifacts of a new FineTuneJob of this name.
             return None
         name = names.cleanup_pod_name(key[1])
-        jobs, pods = self.cache.children(key)
+        jobs, pods = self.cache.children(key, uid or None)
         pod = next((p for p in pods if _meta(p).get("name") == name), None)
         if pod is None:
             if await self._stop_training(key, jobs, pods):

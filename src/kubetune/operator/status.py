@@ -741,6 +741,8 @@ def compute_status(
             if same_run and same_run.lineage
             else None,
             spec_hash=digest,
+            trust_remote_code=spec.model.trust_remote_code,
+            allow_pickle=spec.model.allow_pickle,
         ),
         gpu_hours=_gpu_hours(pods, now, same_run),
         tracking_urls=same_run.tracking_urls if same_run else None,

@@ -5,7 +5,8 @@ renamed to its final name only when its size and digest match what the caller ex
 manifest entry), so a final name is always a verified file and memory stays bounded
 whatever the file's size. A `.part` left by an interrupted process is continued with a
 ranged read from its size; a stream that breaks is reopened the same way, a few times. A
-final file already in place is hashed and kept when it matches.
+file whose sha256 does not match is downloaded once more from the start before it is
+refused. A final file already in place is hashed and kept when it matches.
 
 Used by `kubetune.storage.fetch`; torch-free.
 """
@@ -179,12 +180,14 @@ class _FileFetch:
         self.progress.begin(entry.path, entry.size, resumed)
         try:
             self._download(options, log)
-            if self.digest.hexdigest() != entry.sha256 and resumed:
-                # The partial file may predate a republished object, or a crash may have
-                # left bytes the disk never got: try once more from the start.
+            if self.digest.hexdigest() != entry.sha256:
+                # The partial file may predate a republished object, a crash may have left
+                # bytes the disk never got, or the bytes were damaged on the way: try once
+                # more from the start.
+                since = f" after resuming at {human_bytes(resumed)}" if resumed else ""
                 log(
-                    f"{entry.path} did not match its sha256 after resuming at "
-                    f"{human_bytes(resumed)}; downloading it again from the start"
+                    f"{entry.path} did not match its sha256{since}; downloading it again "
+                    "from the start"
                 )
                 self.part.unlink(missing_ok=True)
                 self.progress.restart(entry.path)

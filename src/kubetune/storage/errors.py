@@ -11,10 +11,21 @@ from __future__ import annotations
 
 import os
 
-from kubetune.api.contract import Reason
+from kubetune.api.contract import JUDGE_API_KEY_ENV, Reason
 
-SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-"""Environment variables whose values must never appear in a message or a log line."""
+SECRET_ENV_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "KUBETUNE_HTTPS_TOKEN",
+    JUDGE_API_KEY_ENV,
+)
+"""Environment variables whose values must never appear in a message or a log line: every
+credential the operator gives the trainer pod from a Secret (and the Hub token's old name).
+The access key id is not secret to AWS, but it names whose keys these are, and an S3 server
+that refuses a request may quote it (with the request's Authorization header)."""
 
 
 def redact(text: str) -> str:

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from kubetune.api.contract import Reason
-from kubetune.storage.errors import AccessDenied, ObjectNotFound, StorageError, TransferFailed
+from kubetune.storage.errors import (
+    AccessDenied,
+    InvalidKey,
+    ObjectNotFound,
+    StorageError,
+    TransferFailed,
+)
 from kubetune.storage.store import (
     TEMP_MARKER,
     ObjectInfo,
@@ -97,7 +103,19 @@ class LocalStore:
         return f"{self._uri}/{validate_key(key)}"
 
     def _path(self, key: str) -> Path:
-        return self.root.joinpath(*validate_key(key).split("/"))
+        return self._inside(self.root.joinpath(*validate_key(key).split("/")), key)
+
+    def _inside(self, path: Path, key: str) -> Path:
+        """`path`, unless a symbolic link on the way takes it out of the store's root: a
+        link planted in a shared claim must not let a write land, or a read come from,
+        anywhere else (another job's artifacts, /proc/self/environ)."""
+        real, root = path.resolve(), self.root.resolve()
+        if real != root and root not in real.parents:
+            raise InvalidKey(
+                f"{self._uri}/{key} leads to {real} through a symbolic link, outside the "
+                f"store's root {root}: remove the link"
+            )
+        return path
 
     def _error(self, exc: OSError, key: str, writing: bool) -> StorageError:
         uri = self.uri_for(key) if key else self._uri
@@ -201,6 +219,7 @@ class LocalStore:
         """Every file under the folder `prefix`, sorted by key (sha256 not computed)."""
         folder = validate_prefix(prefix)
         base = self.root.joinpath(*folder.split("/")) if folder else self.root
+        self._inside(base, folder)
         found: list[ObjectInfo] = []
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames[:] = [d for d in dirnames if not d.startswith(TEMP_MARKER)]
@@ -209,6 +228,12 @@ class LocalStore:
                 if name.startswith(TEMP_MARKER):
                     continue
                 key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if os.path.islink(os.path.join(dirpath, name)):
+                    try:
+                        self._inside(Path(dirpath, name), key)
+                    except InvalidKey:
+                        logger.warning("Skipping %s: a symbolic link out of the store", key)
+                        continue
                 try:
                     size = os.stat(os.path.join(dirpath, name)).st_size
                 except FileNotFoundError:
@@ -231,7 +256,7 @@ class LocalStore:
         if not folder:
             raise StorageError(f"refusing to delete the whole store {self._uri}", uri=self._uri)
         count = len(self.list(folder))
-        base = self.root.joinpath(*folder.split("/"))
+        base = self._inside(self.root.joinpath(*folder.split("/")), folder)
         try:
             shutil.rmtree(base)
         except FileNotFoundError:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,9 +34,12 @@ from kubetune.storage.errors import (
     ManifestMismatch,
     ObjectNotFound,
     RunIncomplete,
+    TransferFailed,
 )
 from kubetune.storage.layout import RunLayout
-from kubetune.storage.store import ObjectInfo, Store, sha256_stream, validate_key
+from kubetune.storage.store import ObjectInfo, Store, iter_chunks, validate_key
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA_VERSION = 1
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -106,10 +110,33 @@ def manifest_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def hash_object(store: Store, key: str) -> str:
-    """The sha256 hex digest of a stored object, streamed."""
-    with store.open_read(key) as stream:
-        return sha256_stream(stream)[1]
+HASH_ATTEMPTS = 3
+"""Reads of an object that may break in a row, without progress, while it is hashed."""
+
+
+def hash_object(store: Store, key: str, *, attempts: int = HASH_ATTEMPTS) -> str:
+    """The sha256 hex digest of a stored object, streamed; a read that breaks is reopened
+    where it broke (a ranged read), up to `attempts` times in a row without progress.
+
+    Raises:
+        TransferFailed: the reads kept breaking.
+        StorageError: the store failed otherwise (ObjectNotFound, AccessDenied, …).
+    """
+    digest = hashlib.sha256()
+    offset = failures = 0
+    while True:
+        before = offset
+        try:
+            with store.open_read(key, offset) as stream:
+                for chunk in iter_chunks(stream):
+                    digest.update(chunk)
+                    offset += len(chunk)
+            return digest.hexdigest()
+        except TransferFailed as exc:
+            failures = failures + 1 if offset == before else 1
+            if failures >= attempts:
+                raise
+            logger.warning("%s; reading on from byte %d", exc.message, offset)
 
 
 def collect_entries(

@@ -2,21 +2,30 @@
 
 boto3 is imported here only, when a store is created, so the operator and `kubetune
 validate` never load it. Transfers are multipart and parallel above a threshold (boto3's
-transfer manager) and retried by botocore (adaptive mode); path-style addressing and
-SigV4 work with every S3-compatible server. Credentials come from the environment only
-(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN: the pod gets them from the
-Secret named by `credentialsSecretRef`), never from files or instance metadata. Each
-upload records its sha256 as the object metadata `sha256`; downloads check it.
+transfer manager); path-style addressing and SigV4 work with every S3-compatible server.
+Credentials come from the environment only (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_SESSION_TOKEN: the pod gets them from the Secret named by `credentialsSecretRef`),
+never from files or instance metadata.
+
+Failures are retried at three levels, each bounded (`kubetune.storage.s3_config` lists the
+settings and their environment variables): botocore retries each request (connection
+errors, timeouts, 500/502/503/504) with exponential backoff; the transfer manager re-reads
+a ranged part whose body broke; and a whole object whose bytes arrive damaged is
+transferred again. Each upload sends Content-MD5 (the server refuses a damaged body) and
+records the sha256 as the object metadata `sha256`; downloads check size and sha256 before
+the file gets its final name. After the budget, the error is a `TransferFailed` (reason
+UploadFailed or DownloadFailed) naming the URI, the budget and what to do.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -28,6 +37,13 @@ from kubetune.storage.errors import (
     ObjectNotFound,
     StorageError,
     TransferFailed,
+)
+from kubetune.storage.s3_config import (
+    S3Settings,
+    client_config,
+    damaged_in_transit,
+    register_content_md5,
+    settings_from_env,
 )
 from kubetune.storage.s3_errors import Direction, TranslatingReader, translate_error
 from kubetune.storage.store import (
@@ -58,13 +74,20 @@ class S3Store:
         multipart_threshold: files larger than this go multipart (and download in ranges).
         multipart_chunksize: part size.
         max_concurrency: parts transferred in parallel.
-        max_attempts: botocore attempts per request, including the first.
-        connect_timeout: seconds to wait for a connection.
-        read_timeout: seconds to wait for data.
+        max_attempts: attempts per request, including the first; default
+            `$AWS_MAX_ATTEMPTS` or 10.
+        connect_timeout: seconds to wait for a connection; default
+            `$KUBETUNE_S3_CONNECT_TIMEOUT` or 10.
+        read_timeout: seconds to wait for data; default `$KUBETUNE_S3_READ_TIMEOUT` or 120.
+        retry_mode: botocore's retry mode; default `$AWS_RETRY_MODE` or standard.
+        transfer_attempts: reads of a downloaded part whose body breaks, and transfers of
+            an object whose bytes arrive damaged; default `$KUBETUNE_S3_TRANSFER_ATTEMPTS`
+            or 3.
 
     Raises:
         InvalidKey: the bucket or prefix is malformed.
         AccessDenied: the environment has no credentials.
+        StorageError: a setting in the environment is malformed (InvalidSpec).
     """
 
     def __init__(
@@ -77,9 +100,11 @@ class S3Store:
         multipart_threshold: int = 64 * MIB,
         multipart_chunksize: int = 64 * MIB,
         max_concurrency: int = 8,
-        max_attempts: int = 10,
-        connect_timeout: float = 10,
-        read_timeout: float = 120,
+        max_attempts: int | None = None,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
+        retry_mode: str | None = None,
+        transfer_attempts: int | None = None,
     ) -> None:
         if not BUCKET_PATTERN.match(bucket):
             raise InvalidKey(
@@ -98,11 +123,20 @@ class S3Store:
         self.region = (
             region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         ) or "us-east-1"
-        self.max_attempts = max_attempts
+        env = settings_from_env(os.environ)
+        self.settings = S3Settings(
+            max_attempts=env.max_attempts if max_attempts is None else max_attempts,
+            retry_mode=env.retry_mode if retry_mode is None else retry_mode,
+            connect_timeout=env.connect_timeout if connect_timeout is None else connect_timeout,
+            read_timeout=env.read_timeout if read_timeout is None else read_timeout,
+            transfer_attempts=(
+                env.transfer_attempts if transfer_attempts is None else transfer_attempts
+            ),
+        )
+        self.max_attempts = self.settings.max_attempts
 
         import boto3
         from boto3.s3.transfer import TransferConfig
-        from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
         from s3transfer.exceptions import RetriesExceededError
 
@@ -125,21 +159,14 @@ class S3Store:
             aws_session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
             region_name=self.region,
         )
-        config = Config(
-            signature_version="s3v4",
-            s3={"addressing_style": "path"},
-            retries={"max_attempts": max_attempts, "mode": "adaptive"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            max_pool_connections=max(10, 2 * max_concurrency),
-        )
+        config = client_config(self.settings, max_concurrency)
         self._client: Any = session.client("s3", endpoint_url=self.endpoint_url, config=config)
+        register_content_md5(self._client)
         self._transfer_config = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
             max_concurrency=max_concurrency,
+            num_download_attempts=self.settings.transfer_attempts,
             use_threads=True,
             preferred_transfer_client="classic",
         )
@@ -173,8 +200,29 @@ class S3Store:
             direction,
             bucket=self.bucket,
             endpoint=self.endpoint_url or "AWS S3",
-            attempts=self.max_attempts,
+            settings=self.settings,
         )
+
+    def _upload(self, send: Callable[[], object], uri: str) -> None:
+        """Run one upload, again when the server says its body arrived damaged (up to
+        `transfer_attempts` in all)."""
+        attempts = self.settings.transfer_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                send()
+                return
+            except self._errors as exc:
+                if attempt < attempts and damaged_in_transit(exc):
+                    logger.warning(
+                        "%s arrived damaged at %s (%s); uploading it again (attempt %d of %d)",
+                        uri,
+                        self.endpoint_url or "AWS S3",
+                        exc,
+                        attempt + 1,
+                        attempts,
+                    )
+                    continue
+                raise self._translate(exc, uri, "upload") from exc
 
     def put_file(self, local_path: str | os.PathLike[str], key: str) -> ObjectInfo:
         """Upload a file (multipart and parallel above the threshold) with its sha256."""
@@ -186,69 +234,117 @@ class S3Store:
                 f"cannot read local file {local_path}: {exc.strerror or exc}", uri=str(local_path)
             ) from exc
         extra = {"Metadata": {SHA256_METADATA: sha256}}
-        try:
+
+        def send() -> None:
             with self._manager() as manager:
                 manager.upload(os.fspath(local_path), self.bucket, full, extra_args=extra).result()
-        except self._errors as exc:
-            raise self._translate(exc, self.uri_for(key), "upload") from exc
+
+        self._upload(send, self.uri_for(key))
         logger.debug("Uploaded %s (%d bytes)", self.uri_for(key), size)
         return ObjectInfo(key=key, size=size, sha256=sha256)
 
     def put_bytes(self, data: bytes, key: str) -> ObjectInfo:
         """Upload small content in one request."""
-        import hashlib
-
         sha256 = hashlib.sha256(data).hexdigest()
-        try:
-            self._client.put_object(
-                Bucket=self.bucket,
-                Key=self._key(key),
-                Body=data,
-                Metadata={SHA256_METADATA: sha256},
-            )
-        except self._errors as exc:
-            raise self._translate(exc, self.uri_for(key), "upload") from exc
+        request = {
+            "Bucket": self.bucket,
+            "Key": self._key(key),
+            "Body": data,
+            "Metadata": {SHA256_METADATA: sha256},
+        }
+        self._upload(lambda: self._client.put_object(**request), self.uri_for(key))
         return ObjectInfo(key=key, size=len(data), sha256=sha256)
 
     def get_file(self, key: str, local_path: str | os.PathLike[str]) -> ObjectInfo:
         """Download (ranged and parallel above the threshold) into a temporary file, check
-        the size and the recorded sha256, then rename it to `local_path`."""
+        the size and the recorded sha256, then rename it to `local_path`; bytes that do not
+        match are downloaded again, up to `transfer_attempts` times in all.
+
+        Raises:
+            ObjectNotFound: there is no such object.
+            TransferFailed: the store failed after the retries, or the bytes never matched
+                (DownloadFailed); nothing is left at `local_path` or beside it.
+        """
         uri = self.uri_for(key)
-        full = self._key(key)
         dest = Path(local_path)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=TEMP_MARKER, dir=dest.parent)
         os.close(fd)
         tmp = Path(tmp_name)
+        attempts = self.settings.transfer_attempts
         try:
-            try:
-                head = self._client.head_object(Bucket=self.bucket, Key=full)
-                with self._manager() as manager:
-                    manager.download(self.bucket, full, tmp_name).result()
-            except self._errors as exc:
-                raise self._translate(exc, uri, "download") from exc
-            size, sha256 = sha256_file(tmp)
-            expected = head.get("Metadata", {}).get(SHA256_METADATA)
-            if size != head.get("ContentLength", size) or (expected and expected != sha256):
-                raise TransferFailed(
-                    f"download of {uri} is corrupt (size {size}, sha256 {sha256}; the store "
-                    f"recorded {head.get('ContentLength')} bytes, sha256 {expected}): retry",
-                    uri=uri,
-                    reason=Reason.DOWNLOAD_FAILED,
-                )
-            os.replace(tmp, dest)
+            for attempt in range(1, attempts + 1):
+                size, sha256, recorded = self._download_once(key, tmp_name)
+                if size == recorded[0] and recorded[1] in (None, sha256):
+                    os.replace(tmp, dest)
+                    return ObjectInfo(key=key, size=size, sha256=sha256)
+                found = f"size {size}, sha256 {sha256}; the store recorded {recorded[0]} bytes"
+                found += f", sha256 {recorded[1]}" if recorded[1] else ""
+                if attempt < attempts:
+                    logger.warning(
+                        "Download of %s is corrupt (%s); downloading it again (attempt %d of %d)",
+                        uri,
+                        found,
+                        attempt + 1,
+                        attempts,
+                    )
+            raise TransferFailed(
+                f"download of {uri} is corrupt on each of {attempts} attempts ({found}): the "
+                "object was damaged or replaced in the store, or something on the way damages "
+                "it; publish it again (re-run the job) or fix the network path",
+                uri=uri,
+                reason=Reason.DOWNLOAD_FAILED,
+            )
         finally:
             tmp.unlink(missing_ok=True)
-        return ObjectInfo(key=key, size=size, sha256=sha256)
 
-    def get_bytes(self, key: str) -> bytes:
-        """Read a small object whole."""
+    def _download_once(self, key: str, tmp_name: str) -> tuple[int, str, tuple[int, str | None]]:
+        """One download into `tmp_name`: its size and sha256, and the size and sha256 the
+        store records for the object."""
+        full = self._key(key)
         try:
-            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
-            with response["Body"] as body:
-                return cast(bytes, body.read())
+            head = self._client.head_object(Bucket=self.bucket, Key=full)
+            with self._manager() as manager:
+                manager.download(self.bucket, full, tmp_name).result()
         except self._errors as exc:
             raise self._translate(exc, self.uri_for(key), "download") from exc
+        size, sha256 = sha256_file(tmp_name)
+        recorded = head.get("Metadata", {}).get(SHA256_METADATA)
+        return size, sha256, (int(head.get("ContentLength", size)), recorded)
+
+    def get_bytes(self, key: str) -> bytes:
+        """Read a small object whole, checked against its recorded sha256; a body that
+        breaks or does not match is read again, up to `transfer_attempts` times in all."""
+        uri = self.uri_for(key)
+        attempts = self.settings.transfer_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            except self._errors as exc:  # botocore has retried the request already
+                raise self._translate(exc, uri, "download") from exc
+            body = response["Body"]  # not `with`: that yields urllib3's stream, unchecked
+            try:
+                data = cast(bytes, body.read())
+            except self._errors as exc:
+                if attempt == attempts:
+                    raise self._translate(exc, uri, "download") from exc
+                logger.warning("Reading %s broke (%s); reading it again", uri, exc)
+                continue
+            finally:
+                body.close()
+            recorded = response.get("Metadata", {}).get(SHA256_METADATA)
+            sha256 = hashlib.sha256(data).hexdigest()
+            if recorded in (None, sha256):
+                return data
+            if attempt < attempts:
+                logger.warning("%s does not match its recorded sha256; reading it again", uri)
+        raise TransferFailed(
+            f"download of {uri} is corrupt on each of {attempts} attempts (sha256 {sha256}, the "
+            f"store recorded {recorded}): the object was damaged or replaced in the store; "
+            "publish it again (re-run the job)",
+            uri=uri,
+            reason=Reason.DOWNLOAD_FAILED,
+        )
 
     def open_read(self, key: str, offset: int = 0) -> BinaryIO:
         """A streaming, buffered reader of the object body from byte `offset` (a ranged GET

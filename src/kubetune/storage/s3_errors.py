@@ -1,5 +1,5 @@
 """How S3 failures become `StorageError`s: error codes to contract reasons, with messages
-that name the URI and the fix (and never a secret value).
+that name the URI, the retry budget that was spent and the fix (and never a secret value).
 
 Used by `kubetune.storage.s3` only; importing it loads botocore lazily.
 """
@@ -12,6 +12,13 @@ from typing import Any, Literal
 
 from kubetune.api.contract import Reason
 from kubetune.storage.errors import AccessDenied, ObjectNotFound, StorageError, TransferFailed
+from kubetune.storage.s3_config import (
+    CONNECT_TIMEOUT_ENV,
+    DAMAGED_IN_TRANSIT_CODES,
+    MAX_ATTEMPTS_ENV,
+    READ_TIMEOUT_ENV,
+    S3Settings,
+)
 
 Direction = Literal["upload", "download"]
 
@@ -29,6 +36,21 @@ UNAUTHORIZED_CODES = frozenset(
     }
 )
 NO_CREDENTIALS = frozenset({"NoCredentialsError", "PartialCredentialsError"})
+THROTTLING_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "TooManyRequestsException",
+        "ServiceUnavailable",
+    }
+)
+TIMEOUTS = frozenset({"ReadTimeoutError", "ConnectTimeoutError"})
+BROKEN_BODY = frozenset({"ResponseStreamingError", "IncompleteReadError"})
 
 
 def translate_error(
@@ -38,9 +60,10 @@ def translate_error(
     *,
     bucket: str,
     endpoint: str,
-    attempts: int,
+    settings: S3Settings,
 ) -> StorageError:
-    """Map a botocore / s3transfer exception to a `StorageError`.
+    """Map a botocore / s3transfer exception to a `StorageError` whose message says what
+    failed, after how many attempts, and what to do.
 
     Args:
         exc: the exception (ClientError, BotoCoreError, RetriesExceededError).
@@ -48,16 +71,20 @@ def translate_error(
         direction: whether a failure counts as UploadFailed or DownloadFailed.
         bucket: the bucket, named when it does not exist.
         endpoint: the endpoint URL (or "AWS S3"), named in messages.
-        attempts: botocore's retry budget, named when it was spent.
+        settings: the retry budget and timeouts, named when they were spent.
     """
     from botocore.exceptions import ClientError
 
+    reason = Reason.UPLOAD_FAILED if direction == "upload" else Reason.DOWNLOAD_FAILED
+    attempts = settings.max_attempts
+    more = f"allow more attempts with {MAX_ATTEMPTS_ENV} (now {attempts})"
     if isinstance(exc, ClientError):
         response: dict[str, Any] = exc.response or {}
         error = response.get("Error", {})
         code = str(error.get("Code", ""))
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         detail = str(error.get("Message", "")) or code
+        cause = f"{code or status}: {detail}"
         if code == "NoSuchBucket":
             return ObjectNotFound(
                 f"bucket {bucket} does not exist at {endpoint}: create it or fix the URI ({uri})",
@@ -72,18 +99,67 @@ def translate_error(
                 "credentialsSecretRef) and the bucket policy",
                 uri=uri,
             )
-        cause = f"{code or status}: {detail}"
+        if code in DAMAGED_IN_TRANSIT_CODES:
+            message = (
+                f"{direction} of {uri} failed: {endpoint} received other bytes than were sent "
+                f"({code}) on each of {settings.transfer_attempts} attempts; something between "
+                "here and the store damages request bodies (a proxy, a faulty network card): "
+                "fix it, then retry"
+            )
+        elif code in THROTTLING_CODES or status in (429, 503):
+            message = (
+                f"{direction} of {uri} failed after {attempts} attempts: {endpoint} kept "
+                f"answering {cause} (it is throttling or overloaded); retry later, or {more}"
+            )
+        elif isinstance(status, int) and status >= 500:
+            message = (
+                f"{direction} of {uri} failed after {attempts} attempts: {endpoint} kept "
+                f"answering {cause} (a failure on the server's side); retry later, or {more}"
+            )
+        else:
+            message = (
+                f"{endpoint} refused the {direction} of {uri} ({cause}): check the URI and "
+                "the bucket's settings"
+            )
+        return TransferFailed(message, uri=uri, reason=reason)
+    name = type(exc).__name__
+    if name in NO_CREDENTIALS:
+        return AccessDenied(f"no usable S3 credentials for {uri}: {name}", uri=uri)
+    last = getattr(exc, "last_exception", None)  # s3transfer's RetriesExceededError
+    if isinstance(last, Exception) and type(last).__name__ in TIMEOUTS:
+        message = (
+            f"{direction} of {uri} failed: {endpoint} sent nothing for longer than the read "
+            f"timeout ({settings.read_timeout:g} s) on every attempt of the transfer; check "
+            "that it is not overloaded and that the network path is sound, or wait longer "
+            f"({READ_TIMEOUT_ENV})"
+        )
+    elif isinstance(last, Exception):
+        message = (
+            f"{direction} of {uri} failed: the connection broke while the body was read, on "
+            f"every attempt of the transfer (last: {type(last).__name__}: {last}); check the "
+            f"network path to {endpoint}, then retry"
+        )
+    elif name in BROKEN_BODY:
+        message = (
+            f"{direction} of {uri} failed: the connection broke while the body was read "
+            f"({name}: {exc}); check the network path to {endpoint}, then retry"
+        )
+    elif name in TIMEOUTS:
+        connect = name == "ConnectTimeoutError"
+        which = "connect" if connect else "read"
+        seconds = settings.connect_timeout if connect else settings.read_timeout
+        variable = CONNECT_TIMEOUT_ENV if connect else READ_TIMEOUT_ENV
+        message = (
+            f"{direction} of {uri} failed after {attempts} attempts: {endpoint} sent nothing "
+            f"for longer than the {which} timeout ({seconds:g} s); check that it is reachable "
+            f"and not overloaded, or wait longer ({variable})"
+        )
     else:
-        name = type(exc).__name__
-        if name in NO_CREDENTIALS:
-            return AccessDenied(f"no usable S3 credentials for {uri}: {name}", uri=uri)
-        cause = f"{name}: {exc}"
-    return TransferFailed(
-        f"{direction} of {uri} failed after {attempts} attempts ({cause}); "
-        f"check that {endpoint} is reachable",
-        uri=uri,
-        reason=Reason.UPLOAD_FAILED if direction == "upload" else Reason.DOWNLOAD_FAILED,
-    )
+        message = (
+            f"{direction} of {uri} failed after {attempts} attempts ({name}: {exc}); check "
+            f"that {endpoint} is reachable from here, then retry, or {more}"
+        )
+    return TransferFailed(message, uri=uri, reason=reason)
 
 
 class TranslatingReader(io.RawIOBase):

@@ -16,7 +16,9 @@ from kubetune.api.v1alpha1.dataset import DatasetSpec
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.api.v1alpha1.training import TrainingSpec
 from kubetune.storage import RunLayout, Store
+from kubetune.trainer import faults
 from kubetune.trainer.data.prepare import PreparedData, prepare_dataset
+from kubetune.trainer.resolve.checks import check_sequence_length
 
 DATA_FILES = ("data/train.jsonl", "data/val.jsonl", "data/token-lengths.png")
 
@@ -40,7 +42,10 @@ def run_data_stage(
     work_dir: Path,
     log: Callable[[str], None] = print,
 ) -> DataStageResult:
-    """Prepare the dataset once per run and publish it (report.json last)."""
+    """Prepare the dataset once per run and publish it (report.json last). A
+    `training.maxSeqLength` over the model's context length (its config.json next to the
+    tokenizer) is refused first: SequenceTooLong."""
+    check_context(spec, tokenizer_dir)
     report_key = layout.key(layout.DATA_REPORT)
     if store.exists(report_key):
         log(f"Data already prepared: {layout.uri_for(layout.DATA_REPORT)}")
@@ -63,9 +68,25 @@ def run_data_stage(
         f"from {counts['rows']} rows ({counts['invalid']} invalid, {counts['filtered']} "
         f"filtered, {counts['duplicates']} duplicates)"
     )
+    log_skipped(prepared.summary, layout.uri_for(layout.DATA_REPORT), log)
     return DataStageResult(
         layout.uri_for(layout.DATA_TRAIN), layout.uri_for(layout.DATA_VAL), prepared.summary, False
     )
+
+
+def check_context(spec: FineTuneJobSpec, model_dir: Path) -> None:
+    """Refuse a `training.maxSeqLength` the model's positions cannot hold, before any data
+    is read or weight loaded (the model folder's config.json; none: nothing to check)."""
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # model resolution reports a broken config.json
+    if isinstance(config, dict):
+        max_seq_length = (spec.training or TrainingSpec()).max_seq_length
+        check_sequence_length(config, max_seq_length, spec.model.uri)
 
 
 EVAL_DATA = "data/eval.jsonl"
@@ -139,7 +160,24 @@ def run_stage_data_stage(
         f"Prepared {counts['train']} training and {counts['validation']} validation examples "
         f"for stage {name} (spec.stages[{index}].dataset)"
     )
+    log_skipped(prepared.summary, layout.uri_for(report_key), log)
     return train, validation, prepared.summary
+
+
+SKIPPED_SHOWN = 5
+"""Skipped rows shown in the log; data/report.json counts them all and lists the first."""
+
+
+def log_skipped(summary: dict[str, Any], report_uri: str, log: Callable[[str], None]) -> None:
+    """The first rows the data stage skipped (invalid or filtered), each with its file:line,
+    so that no row disappears without a word."""
+    shown = (summary.get("problems") or [])[:SKIPPED_SHOWN]
+    for problem in shown:
+        log(f"  skipped {problem}")
+    counts = summary.get("counts") or {}
+    more = int(counts.get("invalid", 0)) + int(counts.get("filtered", 0)) - len(shown)
+    if more > 0:
+        log(f"  … and {more} more (counted in {report_uri})")
 
 
 def _prepare(
@@ -163,5 +201,6 @@ def _prepare(
 
 def _publish(store: Store, layout: RunLayout, *files: tuple[Path, str]) -> None:
     """Upload (local file, run-relative key) pairs in order: the report goes last."""
-    for local, key in files:
+    for index, (local, key) in enumerate(files):
+        faults.reach("data", index)
         store.put_file(local, layout.key(key))

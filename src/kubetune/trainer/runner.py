@@ -38,7 +38,22 @@ def write_result(result: TrainerResult, path: Path | None) -> None:
 
 
 def _failure(reason: Reason, message: str) -> TrainerResult:
-    return TrainerResult(reason=reason, message=message[:1024])
+    """A failed result; credentials quoted by a library or server are scrubbed first."""
+    from kubetune.storage.errors import redact
+
+    return TrainerResult(reason=reason, message=redact(message)[:1024])
+
+
+def _field(location: tuple[int | str, ...]) -> str:
+    """A pydantic error location as the API names fields: `spec.evaluation.gate[0].metric`
+    (pydantic's own validator parts left out)."""
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not str(part).startswith("function-"):
+            path += f".{part}" if path else str(part)
+    return path
 
 
 def _quiet_library_progress() -> None:
@@ -78,7 +93,9 @@ def execute(config: TrainerConfig, work_dir: Path, log: Log, metrics_port: int) 
         reason = getattr(exc, "reason", None)
         if isinstance(reason, Reason):
             return _failure(reason, str(exc))
-        log(traceback.format_exc())
+        from kubetune.storage.errors import redact
+
+        log(redact(traceback.format_exc()))
         return _failure(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
 
 
@@ -103,15 +120,18 @@ def run_from_file(config_path: Path, result_path: Path, work_dir: Path) -> int:
     try:
         config = load_config(config_path)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
-        )
+        problems = "; ".join(f"{_field(error['loc'])}: {error['msg']}" for error in exc.errors())
         result = _failure(Reason.INVALID_SPEC, f"{config_path}: {problems}")
         write_result(result, result_path)
         print(result.message, file=sys.stderr)
         return exit_code(result)
     except (OSError, yaml.YAMLError) as exc:
-        result = _failure(Reason.INVALID_SPEC, f"{config_path}: {exc}")
+        detail = " ".join(str(exc).split())
+        result = _failure(
+            Reason.INVALID_SPEC,
+            f"{config_path}: not a valid YAML or JSON TrainerConfig (the operator and "
+            f"`kubetune run` render it): regenerate it, or fix its syntax ({detail})",
+        )
         write_result(result, result_path)
         print(result.message, file=sys.stderr)
         return exit_code(result)

@@ -176,7 +176,14 @@ class Cluster:
 
     def create_pod(self, job_name: str) -> Obj:
         """The Job controller's pod for a Job: the template with the controller's labels
-        and an ownerReference; Pending."""
+        and an ownerReference; Pending. The Job counts it as active."""
+        pod = self.add_pod(job_name)
+        self.count_active(job_name)
+        return pod
+
+    def add_pod(self, job_name: str) -> Obj:
+        """The first half of `create_pod`: the pod only, the Job's counters unchanged (for
+        tests that let the operator see one write at a time)."""
         job = self.job(job_name)
         meta, template = job["metadata"], copy.deepcopy(job["spec"]["template"])
         pod_meta = template.get("metadata") or {}
@@ -202,17 +209,20 @@ class Cluster:
                 for port in container.get("ports") or []:
                     if port.get("name") == METRICS_PORT_NAME:
                         port["containerPort"] = self.metrics_port
-        pod = self.env.create(
+        return self.env.create(
             {"apiVersion": "v1", "kind": "Pod", "metadata": pod_meta, "spec": spec},
             self.namespace,
         )
-        status = job.get("status") or {}
-        self._job_status(
+
+    def count_active(self, job_name: str) -> Obj:
+        """The second half of `create_pod`: the Job counts one more active pod (and has
+        started)."""
+        status = self.job(job_name).get("status") or {}
+        return self._job_status(
             job_name,
             active=int(status.get("active") or 0) + 1,
             startTime=status.get("startTime") or now(),
         )
-        return pod
 
     def run_pod(self, pod: Obj) -> Obj:
         """The kubelet starts the pod: Running, ready, with an IP."""
@@ -259,6 +269,11 @@ class Cluster:
         """The trainer exits: the kubelet records the termination message and exit code,
         then the Job controller applies the Job's podFailurePolicy and backoffLimit.
         Returns the replacement pod (Pending) when the Job retries, else None."""
+        return self.pod_ended(self.terminate_pod(pod, result, exit_code))
+
+    def terminate_pod(self, pod: Obj, result: TrainerResult | None, exit_code: int) -> Obj:
+        """The kubelet's half of `finish_pod`: the pod Succeeded or Failed with the
+        trainer's termination message; the Job does not know yet."""
         name = pod["metadata"]["name"]
         current = self.env.get("v1", "Pod", name, self.namespace)
         assert current is not None, f"Pod {name} is gone"
@@ -276,7 +291,7 @@ class Cluster:
             for s in current["status"].get("containerStatuses") or []
         ]
         phase = "Succeeded" if exit_code == 0 else "Failed"
-        ended = self.env.patch(
+        return self.env.patch(
             "v1",
             "Pod",
             name,
@@ -284,9 +299,17 @@ class Cluster:
             self.namespace,
             subresource="status",
         )
-        return self._pod_ended(ended, exit_code)
 
-    def _pod_ended(self, pod: Obj, exit_code: int) -> Obj | None:
+    def pod_ended(self, pod: Obj, replace: bool = True) -> Obj | None:
+        """The Job controller's half of `finish_pod`, for a pod `terminate_pod` ended.
+        Returns the replacement pod (Pending) when the Job retries, else None; with
+        `replace` false the caller makes the replacement (`create_pod`) itself."""
+        statuses = (pod.get("status") or {}).get("containerStatuses") or []
+        exit_code = next(
+            s["state"]["terminated"]["exitCode"]
+            for s in statuses
+            if s["name"] == CONTAINER_NAME and "terminated" in (s.get("state") or {})
+        )
         job_name = pod["metadata"]["labels"][JOB_NAME_LABEL]
         job = self.job(job_name)
         spec, status = job["spec"], dict(job.get("status") or {})
@@ -328,7 +351,7 @@ class Cluster:
             self._job_status(job_name, active=active, ready=0, failed=failed, conditions=conditions)
             return None
         self._job_status(job_name, active=active, ready=0, failed=failed)
-        return self.create_pod(job_name)
+        return self.create_pod(job_name) if replace else None
 
     def sync_suspend(self, job_name: str) -> Obj | None:
         """The Job controller reacts to `spec.suspend`: suspending deletes the active pods

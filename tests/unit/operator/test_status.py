@@ -962,3 +962,15 @@ def test_the_trainers_phase_sets_the_stage_when_exported(phase: JobStage, stage:
     assert status.stage == stage
     assert status.progress is not None
     assert (status.progress.percent, status.progress.eta) == ("100%", None)
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_remote_code_and_pickle_choices_are_visible_in_the_lineage(trusted: bool) -> None:
+    model = {**LORA.model.model_dump(mode="json", by_alias=True, exclude_none=True)}
+    model.update(trustRemoteCode=trusted, allowPickle=trusted)
+    status = compute_status(edited(LORA, model=model), 1, None, Observed(now=NOW))
+    assert status.lineage is not None
+    assert status.lineage.trust_remote_code is trusted
+    assert status.lineage.allow_pickle is trusted
+    wire = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert wire["lineage"]["trustRemoteCode"] is trusted

@@ -174,6 +174,14 @@ class Lineage(ApiModel):
     spec_hash: Annotated[StrictStr, Field(max_length=80)] | None = None
     """Canonical hash of the training-relevant spec."""
 
+    trust_remote_code: bool | None = None
+    """Whether the run may execute Python code shipped with the model
+    (spec.model.trustRemoteCode; false unless the job asks)."""
+
+    allow_pickle: bool | None = None
+    """Whether the run may load pickle weights (spec.model.allowPickle; false unless the
+    job asks)."""
+
 
 class TrackingUrls(ApiModel):
     """Links to experiment tracking."""

@@ -168,8 +168,11 @@ def convert(
     if fmt == DataFormat.PREFERENCE:
         prompt_value = data.get(columns.prompt, "")
         prompt = _as_messages(prompt_value, "user", columns) if prompt_value else []
-        chosen = _as_messages(data.get(columns.chosen), "assistant", columns)
-        rejected = _as_messages(data.get(columns.rejected), "assistant", columns)
+        for key in (columns.chosen, columns.rejected):
+            if data.get(key) is None:
+                raise RowError("missing-column", f"missing column {key!r} of a preference pair")
+        chosen = _as_messages(data[columns.chosen], "assistant", columns)
+        rejected = _as_messages(data[columns.rejected], "assistant", columns)
         if system and not any(m["role"] == "system" for m in prompt):
             prompt = [{"role": "system", "content": system}, *prompt]
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}

@@ -35,7 +35,14 @@ from kubetune.api.v1alpha1.dataset import (
 )
 from kubetune.trainer.data import formats, report
 from kubetune.trainer.data.dedup import DedupStats, NearDuplicateIndex, RunHits, bands_for
-from kubetune.trainer.data.process import INVALID, Dropped, Kept, RowSettings, process_chunk
+from kubetune.trainer.data.process import (
+    INVALID,
+    Dropped,
+    Kept,
+    RowSettings,
+    process_chunk,
+    token_counter,
+)
 from kubetune.trainer.data.rows import BadRow, RawRow, RowError
 from kubetune.trainer.data.sources import DataSourceError, SourceFile, expand, read_rows
 from kubetune.trainer.resolve.tokenizer import chat_template_override
@@ -75,7 +82,7 @@ class _Source:
 def _open_sources(
     uris: list[str], spec: DatasetSpec, columns: formats.Columns, cache_dir: Path
 ) -> list[_Source]:
-    opened = []
+    opened: list[_Source | SourceFile] = []
     for uri in uris:
         for file in expand(uri, cache_dir):
             rows = read_rows(file, spec.revision)
@@ -83,12 +90,19 @@ def _open_sources(
                 opened.append(_Source(file, spec.format, "set in dataset.format", rows))
                 continue
             head = list(itertools.islice(rows, DETECT_SAMPLE))
+            if not head:
+                opened.append(file)  # nothing to detect: it takes the others' format
+                continue
             try:
                 fmt, why = formats.detect((r for r in head if isinstance(r, RawRow)), columns)
             except RowError as exc:
                 raise DataStageError(Reason.DATASET_INVALID, f"{file.uri}: {exc.detail}") from exc
             opened.append(_Source(file, fmt, why, itertools.chain(head, rows)))
-    return opened
+    fallback = next((s.fmt for s in opened if isinstance(s, _Source)), DataFormat.TEXT)
+    return [
+        s if isinstance(s, _Source) else _Source(s, fallback, "empty file", iter(()))
+        for s in opened
+    ]
 
 
 def _settings(spec: DatasetSpec, tokenizer_dir: Path, max_seq_length: int) -> RowSettings:
@@ -123,7 +137,9 @@ def _results(
 ) -> Iterator[tuple[int, list[Kept | Dropped]]]:
     """Processed chunks of rows in input order, with a bounded window of chunks in flight."""
     chunks = _chunks(sources, chunk_size)
-    if workers <= 1:
+    first = list(itertools.islice(chunks, 2))
+    chunks = itertools.chain(first, chunks)
+    if workers <= 1 or len(first) < 2:  # one chunk: no work to share, no pool to start
         for index, fmt, chunk in chunks:
             yield index, process_chunk(chunk, fmt, settings)
         return
@@ -325,8 +341,67 @@ def _fail_if_too_invalid(spec: DatasetSpec, tally: report.Tally) -> None:
         raise DataStageError(
             Reason.DATASET_INVALID,
             f"{invalid} of {rows} rows are invalid ({invalid / rows:.1%} > maxInvalidFraction "
-            f"{limit:g}); first problems: {shown}",
+            f"{limit:g}): fix or remove them, set dataset.format and dataset.columns if they "
+            f"are mapped wrongly, or raise dataset.maxInvalidFraction; first problems: {shown}",
         )
+
+
+_FILTER_ADVICE = {
+    "too-long": "raise dataset.filters.maxTokens or training.maxSeqLength",
+    "too-short": "lower dataset.filters.minTokens",
+    "non-printable": "raise dataset.filters.maxNonPrintableRatio",
+    "repetitive": "raise dataset.filters.maxRepetitionRatio",
+    "too-many-turns": "raise dataset.filters.maxTurns",
+}
+
+
+def _fail_if_empty(tally: report.Tally, collected: _Collected) -> None:
+    """DatasetEmpty when nothing is left, saying which step removed the rows."""
+    if collected.count:
+        return
+    if not tally.rows:
+        files = ", ".join(s.uri for s in tally.sources) or "the dataset"
+        verb = "hold" if len(tally.sources) > 1 else "holds"
+        raise DataStageError(
+            Reason.DATASET_EMPTY,
+            f"no rows to train on: {files} {verb} no records; point dataset.uri at the data "
+            "(a file, a directory or a glob) or fill the file",
+        )
+    advice = sorted({_FILTER_ADVICE.get(r, "") for r in tally.filtered} - {""})
+    advice = advice or ["check dataset.format, dataset.columns and dataset.filters"]
+    raise DataStageError(
+        Reason.DATASET_EMPTY,
+        f"no example survived ({tally.rows} rows read; invalid {dict(tally.invalid)}, "
+        f"filtered {dict(tally.filtered)}, duplicates {dict(tally.duplicates)}): "
+        f"{'; '.join(advice)}",
+    )
+
+
+def _check_tokenizer(spec: DatasetSpec, settings: RowSettings) -> None:
+    """Load the tokenizer in this process before any row is read: a folder without a
+    tokenizer, or a chat template that does not compile, fails the stage here with its
+    reason (worker processes forked later reuse the loaded tokenizer)."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    counter = token_counter(settings)
+    probe = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]
+    try:
+        counter.tokenizer.apply_chat_template([probe], tokenize=False)
+    except TemplateSyntaxError as exc:
+        where = f"line {exc.lineno}: {exc.message}"
+        if spec.chat_template is not None and spec.chat_template.jinja is not None:
+            raise DataStageError(
+                Reason.INVALID_SPEC,
+                f"dataset.chatTemplate.jinja does not compile ({where}); fix the template, or "
+                "use dataset.chatTemplate.preset (ChatML or Alpaca)",
+            ) from exc
+        raise DataStageError(
+            Reason.INVALID_SPEC,
+            f"the chat template of {settings.tokenizer_dir} does not compile ({where}); set "
+            "dataset.chatTemplate (preset ChatML or Alpaca, or your own jinja)",
+        ) from exc
+    except TemplateError:
+        pass  # a template that refuses some conversations is judged row by row
 
 
 def template_source(spec: DatasetSpec, tokenizer_dir: Path) -> str:
@@ -373,6 +448,7 @@ def prepare_dataset(
     cache_dir = work_dir / "sources"
     columns = formats.Columns.from_spec(spec.columns)
     settings = _settings(spec, tokenizer_dir, max_seq_length)
+    _check_tokenizer(spec, settings)
     filters = spec.filters or DataFilters()
     split = spec.validation or ValidationSplit()
     tally = report.Tally()
@@ -409,20 +485,15 @@ def prepare_dataset(
     except DataSourceError as exc:
         raise DataStageError(exc.reason, str(exc)) from exc
     _fail_if_too_invalid(spec, tally)
-    if not collected.count:
-        raise DataStageError(
-            Reason.DATASET_EMPTY,
-            f"no example survived ({tally.rows} rows read; invalid {dict(tally.invalid)}, "
-            f"filtered {dict(tally.filtered)}, duplicates {dict(tally.duplicates)}); "
-            "check dataset.format, dataset.columns and the filters",
-        )
+    _fail_if_empty(tally, collected)
     train_path, val_path = out_dir / "train.jsonl", out_dir / "val.jsonl"
     if explicit_validation is not None:
         if explicit_validation.family != collected.family:
             raise DataStageError(
                 Reason.DATASET_INVALID,
-                f"validation.uri holds {explicit_validation.family} data but the training data "
-                f"is {collected.family}",
+                f"dataset.validation.uri holds {explicit_validation.family} data but the "
+                f"training data is {collected.family}; point validation.uri at data of the "
+                "same kind, or remove it to split the training data",
             )
         train_tokens = _copy_tokens(collected, train_path)
         val_tokens = _copy_tokens(explicit_validation, val_path)

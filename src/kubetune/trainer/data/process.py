@@ -138,6 +138,37 @@ def _kept(
     return Kept(record, tokens["tokens"], dedup.exact_key(canonical), bands, found)
 
 
+def _token_counts(
+    counter: TokenCounter, parsed: list[tuple[int, RawRow, dict[str, Any]]]
+) -> list[dict[str, int] | str]:
+    """Token counts of the parsed rows, in order. A chat template may refuse a conversation
+    (`raise_exception`, e.g. roles that do not alternate): that row gets the template's
+    message instead, and the others are counted one by one."""
+    from jinja2 import TemplateError
+
+    examples = [e for _, _, e in parsed]
+    try:
+        return list(counter.count_many(examples))
+    except TemplateError:
+        pass
+    counts: list[dict[str, int] | str] = []
+    for example in examples:
+        try:
+            counts.append(counter.count_many([example])[0])
+        except TemplateError as exc:
+            counts.append(
+                f"the chat template refuses this conversation ({exc.message or exc}); fix the "
+                "row, or set dataset.chatTemplate to a template that accepts it"
+            )
+    return counts
+
+
+def token_counter(settings: RowSettings) -> TokenCounter:
+    """The token counter of these settings, loaded once per process (a process forked after
+    this call inherits it)."""
+    return _counter(settings)
+
+
 def process_chunk(
     chunk: list[RawRow | BadRow], fmt: DataFormat, settings: RowSettings
 ) -> list[Kept | Dropped]:
@@ -156,9 +187,10 @@ def process_chunk(
         else:
             parsed.append((index, row, example))
     survivors: list[tuple[int, RawRow, dict[str, Any], dict[str, int], cleaning.Redaction]] = []
-    for (index, row, example), tokens in zip(
-        parsed, counter.count_many([e for _, _, e in parsed]), strict=True
-    ):
+    for (index, row, example), tokens in zip(parsed, _token_counts(counter, parsed), strict=True):
+        if isinstance(tokens, str):
+            results[index] = Dropped(row.where, INVALID, "chat-template", tokens)
+            continue
         dropped = _filter(row, example, tokens["tokens"], settings)
         if dropped is not None:
             results[index] = dropped

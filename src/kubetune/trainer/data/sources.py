@@ -14,15 +14,16 @@ import fnmatch
 import glob
 import gzip
 import hashlib
-import io
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, cast
 
 from kubetune.api.contract import Reason
 from kubetune.api.uris import scheme
@@ -90,7 +91,11 @@ def _local_files(uri: str, path: str) -> list[SourceFile]:
     else:
         matches = []
     if not matches:
-        raise DataSourceError(Reason.SOURCE_NOT_FOUND, f"{uri}: no file found at {path}")
+        raise DataSourceError(
+            Reason.SOURCE_NOT_FOUND,
+            f"{uri}: no file found at {path}; fix the URI (a file, a directory or a glob "
+            "such as data/*.jsonl)",
+        )
     return [SourceFile(m if m != path else uri, Path(m), _kind_of(m)) for m in matches]
 
 
@@ -100,6 +105,16 @@ def _pvc_path(uri: str) -> str:
 
 
 def _s3_files(uri: str, cache_dir: Path) -> list[SourceFile]:
+    """The objects of an s3:// dataset URI (one object, a folder, or a glob), downloaded."""
+    from kubetune.storage import StorageError
+
+    try:
+        return _s3_download(uri, cache_dir)
+    except StorageError as err:
+        raise DataSourceError(err.reason, f"dataset {uri}: {err.message}") from err
+
+
+def _s3_download(uri: str, cache_dir: Path) -> list[SourceFile]:
     from kubetune.storage import open_store  # boto3 only when an s3:// source is used
 
     bucket_and_key = uri.removeprefix("s3://")
@@ -111,15 +126,17 @@ def _s3_files(uri: str, cache_dir: Path) -> list[SourceFile]:
     rel_pattern = key[len(head) + 1 :] if head else key
     if has_glob:
         keys = [o.key for o in store.list("") if fnmatch.fnmatchcase(o.key, rel_pattern)]
+    elif rel_pattern and store.exists(rel_pattern):
+        keys = [rel_pattern]  # one object
     else:
-        keys = [
-            o.key
-            for o in store.list(rel_pattern)
-            if o.key == rel_pattern or o.key.startswith(rel_pattern.rstrip("/") + "/")
-        ]
+        keys = [o.key for o in store.list(rel_pattern)]  # a folder
     keys = sorted(k for k in keys if k.lower().removesuffix(".gz").endswith(EXTENSIONS))
     if not keys:
-        raise DataSourceError(Reason.SOURCE_NOT_FOUND, f"{uri}: no object matches")
+        raise DataSourceError(
+            Reason.SOURCE_NOT_FOUND,
+            f"{uri}: no object matches (looked for {', '.join(EXTENSIONS)} files); fix the "
+            "URI, or upload the data there",
+        )
     files = []
     for k in keys:
         local = cache_dir / "s3" / bucket / (f"{head}/{k}" if head else k)
@@ -127,6 +144,34 @@ def _s3_files(uri: str, cache_dir: Path) -> list[SourceFile]:
         store.get_file(k, local)
         files.append(SourceFile(store.uri_for(k), local, _kind_of(k)))
     return files
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, but sends the token only to the origin it was meant for.
+
+    urllib copies every header onto the redirected request, Authorization included, so a
+    redirect to another host (a CDN, a presigned URL, a server that should not see it) or
+    down to plain http would hand it the KUBETUNE_HTTPS_TOKEN.
+    """
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(new.full_url) != _origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
 
 
 def _https_file(uri: str, cache_dir: Path) -> SourceFile:
@@ -139,7 +184,8 @@ def _https_file(uri: str, cache_dir: Path) -> SourceFile:
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_SECONDS) as response:
+        opener = urllib.request.build_opener(_SameOriginRedirects())
+        with opener.open(request, timeout=HTTP_TIMEOUT_SECONDS) as response:
             partial = target.with_suffix(target.suffix + ".part")
             with partial.open("wb") as out:
                 while chunk := response.read(1 << 20):
@@ -177,34 +223,96 @@ def expand(uri: str, cache_dir: Path) -> list[SourceFile]:
     raise DataSourceError(Reason.INVALID_SPEC, f"{uri}: unsupported dataset URI scheme")
 
 
-def _open_text(path: Path) -> IO[str]:
+def _open_binary(path: Path) -> IO[bytes]:
     if path.name.lower().endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return path.open("r", encoding="utf-8", newline="")
+        return cast("IO[bytes]", gzip.open(path, "rb"))
+    return path.open("rb")
+
+
+def _unreadable(source: SourceFile, exc: BaseException) -> DataSourceError:
+    """A source whose bytes cannot be read: a broken .gz (the user's to fix), a file the
+    trainer may not read, or an I/O error of the disk (infrastructure, retried)."""
+    if isinstance(exc, PermissionError):
+        return DataSourceError(
+            Reason.SOURCE_UNAUTHORIZED,
+            f"{source.uri}: permission denied; make the file readable by the trainer (or fix "
+            "the volume's fsGroup)",
+        )
+    why = f"{type(exc).__name__}: {exc}"
+    if source.uri.lower().endswith(".gz") and not isinstance(exc, FileNotFoundError):
+        return DataSourceError(
+            Reason.DATASET_INVALID,
+            f"{source.uri}: not a readable gzip file ({why}); re-compress it with gzip, or "
+            "remove the .gz suffix if it is not compressed",
+        )
+    return DataSourceError(
+        Reason.INFRASTRUCTURE_ERROR,
+        f"{source.uri}: cannot read the file ({why}); check the volume or disk it is on",
+    )
+
+
+def _raw_lines(source: SourceFile) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, bytes with the line ending) of a local file."""
+    assert source.path is not None
+    try:
+        with _open_binary(source.path) as handle:
+            yield from enumerate(handle, start=1)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise _unreadable(source, exc) from exc
+
+
+def _decode(raw: bytes, number: int) -> str:
+    """One line as text (a UTF-8 byte order mark on the first line is dropped)."""
+    return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+
+
+def _utf8_problem(raw: bytes, exc: UnicodeDecodeError) -> str:
+    return (
+        f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line); "
+        "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
+def _text_lines(source: SourceFile) -> Iterator[str]:
+    """The lines of a local file as text; a line that is not UTF-8 fails the source with
+    its file:line (a CSV record or a text block cannot be skipped on its own)."""
+    for number, raw in _raw_lines(source):
+        try:
+            yield _decode(raw, number)
+        except UnicodeDecodeError as exc:
+            raise DataSourceError(
+                Reason.DATASET_INVALID, f"{source.uri}:{number}: {_utf8_problem(raw, exc)}"
+            ) from exc
 
 
 def _jsonl_rows(source: SourceFile) -> Iterator[RawRow | BadRow]:
-    assert source.path is not None
-    with _open_text(source.path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield RawRow(source.uri, number, json.loads(line))
-            except json.JSONDecodeError as exc:
-                detail = f"invalid JSON ({exc.msg} at column {exc.colno})"
-                yield BadRow(source.uri, number, "invalid-json", detail)
+    """One record per line; a line that is not UTF-8 or not JSON is a BadRow (counted as
+    invalid and reported with its file:line, never dropped silently)."""
+    for number, raw in _raw_lines(source):
+        try:
+            line = _decode(raw, number)
+        except UnicodeDecodeError as exc:
+            yield BadRow(source.uri, number, "invalid-utf8", _utf8_problem(raw, exc))
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield RawRow(source.uri, number, json.loads(line))
+        except json.JSONDecodeError as exc:
+            detail = f"invalid JSON ({exc.msg} at column {exc.colno})"
+            yield BadRow(source.uri, number, "invalid-json", detail)
 
 
 def _json_rows(source: SourceFile) -> Iterator[RawRow]:
-    assert source.path is not None
-    with _open_text(source.path) as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as exc:
-            raise DataSourceError(
-                Reason.DATASET_INVALID, f"{source.uri}:{exc.lineno}: invalid JSON ({exc.msg})"
-            ) from exc
+    try:
+        data = json.loads("".join(_text_lines(source)))
+    except json.JSONDecodeError as exc:
+        raise DataSourceError(
+            Reason.DATASET_INVALID,
+            f"{source.uri}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno}); fix "
+            "the file, or convert it to JSONL (one record per line), where a bad line only "
+            "skips that row",
+        ) from exc
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -220,21 +328,34 @@ def _json_rows(source: SourceFile) -> Iterator[RawRow]:
 
 
 def _csv_rows(source: SourceFile, delimiter: str) -> Iterator[RawRow]:
-    assert source.path is not None
-    with _open_text(source.path) as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
+    reader = csv.DictReader(_text_lines(source), delimiter=delimiter)
+    try:
         for record in reader:
             yield RawRow(source.uri, reader.line_num, dict(record))
+    except csv.Error as exc:
+        raise DataSourceError(
+            Reason.DATASET_INVALID,
+            f"{source.uri}:{reader.line_num}: malformed {source.kind.upper()} ({exc}); fix the "
+            "quoting of that record",
+        ) from exc
 
 
 def _parquet_rows(source: SourceFile) -> Iterator[RawRow]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     number = 0
-    for batch in pq.ParquetFile(source.path).iter_batches(batch_size=4096):
-        for record in batch.to_pylist():
-            number += 1
-            yield RawRow(source.uri, number, record)
+    try:
+        for batch in pq.ParquetFile(source.path).iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                number += 1
+                yield RawRow(source.uri, number, record)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataSourceError(
+            Reason.DATASET_INVALID,
+            f"{source.uri}: not a readable Parquet file after {number} rows ({exc}); "
+            "re-export it, or use JSONL or CSV",
+        ) from exc
 
 
 def _text_rows(source: SourceFile) -> Iterator[RawRow]:
@@ -242,15 +363,14 @@ def _text_rows(source: SourceFile) -> Iterator[RawRow]:
     assert source.path is not None
     block: list[str] = []
     start = 0
-    with _open_text(source.path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                if not block:
-                    start = number
-                block.append(line.rstrip("\n"))
-            elif block:
-                yield RawRow(source.uri, start, "\n".join(block))
-                block = []
+    for number, line in enumerate(_text_lines(source), start=1):
+        if line.strip():
+            if not block:
+                start = number
+            block.append(line.rstrip("\r\n"))
+        elif block:
+            yield RawRow(source.uri, start, "\n".join(block))
+            block = []
     if block:
         yield RawRow(source.uri, start, "\n".join(block))
 

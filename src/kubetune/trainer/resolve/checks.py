@@ -5,6 +5,7 @@
   those is refused unless `spec.model.allowPickle` is true (PickleRefused).
 - A config or tokenizer config with `auto_map` needs Python code shipped with the model:
   refused unless `spec.model.trustRemoteCode` is true (ModelNeedsRemoteCode).
+- `training.maxSeqLength` must fit the model's context length (SequenceTooLong).
 """
 
 from __future__ import annotations
@@ -91,6 +92,40 @@ def _check_weights(path: Path, uri: str, *, allow_pickle: bool) -> None:
             Reason.SOURCE_NOT_FOUND,
             f"model {uri}: {path} has a config.json but no weights (*.safetensors); upload "
             "the weights next to it or fix spec.model.uri",
+            uri=uri,
+        )
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+"""config.json keys that hold a model's context length, by architecture family."""
+
+
+def context_length(config: dict[str, Any]) -> int | None:
+    """The longest sequence the model's positions allow, or None when the config does not
+    say (the text model's config of a multimodal model counts)."""
+    for scope in (config, config.get("text_config")):
+        if not isinstance(scope, dict):
+            continue
+        for key in CONTEXT_KEYS:
+            value = scope.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def check_sequence_length(config: dict[str, Any], max_seq_length: int, uri: str) -> None:
+    """Refuse a `training.maxSeqLength` over the model's context length.
+
+    Raises:
+        ModelResolutionError: SequenceTooLong, naming both lengths and what to change.
+    """
+    limit = context_length(config)
+    if limit is not None and max_seq_length > limit:
+        raise ModelResolutionError(
+            Reason.SEQUENCE_TOO_LONG,
+            f"training.maxSeqLength ({max_seq_length}) exceeds the context length of model "
+            f"{uri} ({limit}, from its config.json); lower training.maxSeqLength to {limit} or "
+            "less, or choose a model with a longer context",
             uri=uri,
         )
 

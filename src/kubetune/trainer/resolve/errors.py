@@ -9,17 +9,12 @@ we did not write (a hub or S3 server message quoted in ours).
 
 from __future__ import annotations
 
-import os
 import re
 
 from kubetune.api.contract import Reason, exit_code_for
+from kubetune.storage import errors as storage_errors
 
-SECRET_ENV_VARS = (
-    "HF_TOKEN",
-    "HUGGING_FACE_HUB_TOKEN",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-)
+SECRET_ENV_VARS = storage_errors.SECRET_ENV_VARS
 """Environment variables whose values must never appear in a message or a log line."""
 
 _HF_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{16,}")
@@ -27,11 +22,7 @@ _HF_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{16,}")
 
 def redact(text: str) -> str:
     """Replace secret values (from the environment, or anything shaped like an HF token)."""
-    for name in SECRET_ENV_VARS:
-        value = os.environ.get(name, "")
-        if len(value) >= 4:
-            text = text.replace(value, "***")
-    return _HF_TOKEN_PATTERN.sub("hf_***", text)
+    return _HF_TOKEN_PATTERN.sub("hf_***", storage_errors.redact(text))
 
 
 class ModelResolutionError(Exception):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 
 from kubetune.api.contract import Reason
 from kubetune.api.v1alpha1.dataset import ChatTemplate, ChatTemplatePreset
-from kubetune.trainer.resolve.errors import ModelResolutionError
+from kubetune.trainer.resolve.errors import ModelResolutionError, redact
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -88,10 +88,13 @@ def load_tokenizer(
             str(model_dir), trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as err:
+        said = " ".join(redact(str(err)).split())  # before cutting: no piece of a secret
+        said = said if len(said) <= 300 else said[:299] + "…"
         raise ModelResolutionError(
             Reason.SOURCE_NOT_FOUND,
-            f"cannot load a tokenizer from {model_dir} ({err}); the model folder needs its "
-            "tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json)",
+            f"cannot load a tokenizer from {model_dir}: the model folder needs its tokenizer "
+            f"files (tokenizer.json or tokenizer.model, tokenizer_config.json); upload them "
+            f"next to config.json ({type(err).__name__}: {said})",
             uri=str(model_dir),
         ) from err
     if chat_template is not None:

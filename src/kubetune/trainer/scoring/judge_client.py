@@ -118,8 +118,10 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and value >= 0 else 0
 
 
-def _snippet(response: httpx.Response) -> str:
-    text = " ".join(response.text.split())
+def snippet(text: str, secret: str | None) -> str:
+    """The start of a response body for a message, the secret removed first: cutting first
+    could leave a piece of the secret that no longer matches it whole."""
+    text = " ".join(redact(text, secret).split())
     return text[:ERROR_BODY_CHARS] + ("..." if len(text) > ERROR_BODY_CHARS else "")
 
 
@@ -167,6 +169,10 @@ class JudgeClient:
         """Text safe to log or store: the API key removed."""
         return redact(text, self._key)
 
+    def _said(self, response: httpx.Response) -> str:
+        """The start of the response body, safe to quote."""
+        return snippet(response.text, self._key)
+
     def body(self, messages: list[dict[str, str]]) -> dict[str, Any]:
         """A deterministic request body (temperature 0)."""
         return {
@@ -207,7 +213,7 @@ class JudgeClient:
                 if response.status_code == 200:
                     return self._finish(self._parse(response), unavailable=False)
                 self._refuse_fatal(response)
-                problem = f"HTTP {response.status_code}: {_snippet(response)}"
+                problem = f"HTTP {response.status_code}: {self._said(response)}"
                 if not is_retryable(response.status_code):
                     return self._finish(Reply(error=self.clean(problem)), unavailable=False)
                 wait = retry_after_seconds(response.headers.get("Retry-After"))
@@ -222,7 +228,7 @@ class JudgeClient:
         try:
             payload = response.json()
         except ValueError:
-            return Reply(error=self.clean(f"the response is not JSON: {_snippet(response)}"))
+            return Reply(error=self.clean(f"the response is not JSON: {self._said(response)}"))
         reply = read_reply(payload)
         if reply.text is not None:
             return Reply(self.clean(reply.text), None, reply.prompt_tokens, reply.completion_tokens)
@@ -230,7 +236,7 @@ class JudgeClient:
 
     def _refuse_fatal(self, response: httpx.Response) -> None:
         status = response.status_code
-        said = self.clean(_snippet(response))
+        said = self._said(response)
         if status in (401, 403):
             key = (
                 f"the key from {API_KEY_ENV} was refused"

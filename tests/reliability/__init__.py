@@ -1,0 +1,1 @@
+"""Reliability catalogs: bad inputs across the system and what each must report."""
