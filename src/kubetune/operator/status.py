@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from kubetune.api.contract import Reason, TrainerResult, classify_exit
+from kubetune.api.contract import (
+    EXIT_CODES,
+    FailureClass,
+    Reason,
+    TrainerResult,
+    classify_exit,
+)
 from kubetune.api.meta import Condition, ConditionStatus
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.api.v1alpha1.methods import Method
@@ -330,12 +336,27 @@ def _active_verdict(
     if last is None:
         return _Verdict(JobStage.PENDING, ConditionStatus.UNKNOWN, Reason.PENDING, waiting)
     reason, why = last
+    if not _retried(reason):
+        # The Job's podFailurePolicy is failing it; say so until the Job reports it.
+        return _Verdict(
+            JobStage.PENDING,
+            ConditionStatus.UNKNOWN,
+            reason,
+            f"{reason.value}: {why}. Not retried: the Job is failing",
+        )
     return _Verdict(
         JobStage.PENDING,
         ConditionStatus.UNKNOWN,
         reason,
         f"Retrying from the last checkpoint{attempt} after {reason.value}: {why}. {waiting}",
     )
+
+
+def _retried(reason: Reason) -> bool:
+    """Whether the Job retries a pod that failed with this reason (the exit-code table:
+    user errors and out-of-memory fail fast)."""
+    classes = {code.reason: code.failure_class for code in EXIT_CODES}
+    return classes.get(reason) not in (FailureClass.USER, FailureClass.OUT_OF_MEMORY)
 
 
 def _job_verdict(

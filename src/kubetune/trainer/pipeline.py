@@ -85,10 +85,20 @@ def _local_copy(store: Store, layout: RunLayout, relative: str, into: Path) -> P
 def _upload_folder(
     store: Store, layout: RunLayout, folder: Path, relative: str
 ) -> list[ObjectInfo]:
+    """Every file under `folder`, as `relative/<path>`; a symbolic link that leads out of
+    the folder is refused (it would publish a file the run did not make)."""
+    from kubetune.storage.errors import InvalidKey
+
+    root = folder.resolve()
+    files = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink() and root not in path.resolve().parents:
+            raise InvalidKey(f"{path} links outside {folder}; refusing to publish it")
+        if path.is_file():
+            files.append(path)
     return [
         store.put_file(path, layout.key(relative + path.relative_to(folder).as_posix()))
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
+        for path in files
     ]
 
 

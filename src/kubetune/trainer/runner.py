@@ -114,9 +114,25 @@ def _reports(result: TrainerResult) -> bool:
     return topology().local_rank == 0 or exit_code(result) != 0
 
 
+class RedactingFilter(logging.Filter):
+    """Scrubs credential values (`kubetune.storage.errors.SECRET_ENV_VARS`) from every log
+    record, whoever logs it: a library may quote a URL or a header with a token in it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from kubetune.storage.errors import redact
+
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
 def run_from_file(config_path: Path, result_path: Path, work_dir: Path) -> int:
     """The pod's main: validate the config before importing torch, run, report."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     try:
         config = load_config(config_path)
     except ValidationError as exc:

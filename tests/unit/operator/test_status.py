@@ -974,3 +974,27 @@ def test_remote_code_and_pickle_choices_are_visible_in_the_lineage(trusted: bool
     assert status.lineage.allow_pickle is trusted
     wire = status.model_dump(mode="json", by_alias=True, exclude_none=True)
     assert wire["lineage"]["trustRemoteCode"] is trusted
+
+
+@pytest.mark.parametrize(
+    ("reason", "retried"),
+    [
+        (Reason.INFRASTRUCTURE_ERROR, True),
+        (Reason.DATASET_INVALID, False),
+        (Reason.OUT_OF_MEMORY, False),
+    ],
+)
+def test_a_failed_pod_is_called_retried_only_when_the_job_retries_it(
+    reason: Reason, retried: bool
+) -> None:
+    failed = pod(
+        "p0",
+        "Failed",
+        exit_code=exit_code_for(reason),
+        message=result(reason, "what went wrong"),
+    )
+    status = compute_status(LORA, 1, None, seen(job=job(failed=1), pods=[failed]))
+    ready = next(c for c in status.conditions or [] if c.type == "Succeeded")
+    assert ready.reason == reason.value
+    assert ("Retrying from the last checkpoint" in ready.message) is retried
+    assert ("Not retried" in ready.message) is not retried
