@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kubetune.storage.errors import ObjectNotFound
@@ -149,19 +149,35 @@ def latest_complete_checkpoint(
     return None
 
 
-def delete_checkpoint(store: Store, layout: RunLayout, step: int) -> None:
-    """Delete one checkpoint, its marker first."""
+def delete_checkpoint(
+    store: Store,
+    layout: RunLayout,
+    step: int,
+    *,
+    marker_deleted: Callable[[int], None] | None = None,
+) -> None:
+    """Delete one checkpoint, its marker first (`marker_deleted(step)` is called between
+    the marker and the files: the trainer's `checkpoint-prune` fault point)."""
     folder = layout.checkpoint(step)
     store.delete(layout.key(folder + MARKER))
+    if marker_deleted is not None:
+        marker_deleted(step)
     store.delete_prefix(layout.key(folder))
 
 
-def prune_checkpoints(store: Store, layout: RunLayout, keep: int) -> list[int]:
+def prune_checkpoints(
+    store: Store,
+    layout: RunLayout,
+    keep: int,
+    *,
+    marker_deleted: Callable[[int], None] | None = None,
+) -> list[int]:
     """Keep the newest `keep` complete checkpoints; delete older ones.
 
     Incomplete checkpoints older than the newest complete one are leftovers of interrupted
     saves and go too; a newer incomplete one may be being written and stays. `keep=0`
     deletes every checkpoint (after a successful run with `deleteOnSuccess`).
+    `marker_deleted` is passed on to `delete_checkpoint`.
 
     Returns:
         The deleted steps, ascending.
@@ -182,6 +198,6 @@ def prune_checkpoints(store: Store, layout: RunLayout, keep: int) -> list[int]:
         and (keep == 0 or step in complete or (newest is not None and step < newest))
     ]
     for step in doomed:
-        delete_checkpoint(store, layout, step)
+        delete_checkpoint(store, layout, step, marker_deleted=marker_deleted)
         logger.info("Deleted checkpoint %s", layout.uri_for(layout.checkpoint(step)))
     return doomed

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from kubetune.api.v1alpha1.evaluation import EvaluationSpec
 from kubetune.report import render_unpublished
 from kubetune.storage import ObjectInfo, RunLayout, Store
+from kubetune.trainer import faults
 from kubetune.trainer.eval_stage import BASE_SCORES, EvalInputs, ModelScores, lm_eval_skipped
 from kubetune.trainer.evaluate import GateOutcome, normalize_answer
 from kubetune.trainer.export_stage import ExportResult
@@ -144,11 +145,13 @@ def publish_eval(
                         handle.write(json.dumps(line, ensure_ascii=False) + "\n")
     document = metrics_document(record)
     (folder / "metrics.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    infos = [store.put_file(folder / name, layout.key(f"eval/{name}")) for name in names]
-    infos += [
-        store.put_file(path, layout.key(relative))
-        for relative, path in local_files.items()
-        if relative.startswith("logs/")
+    uploads = [(folder / name, f"eval/{name}") for name in names]
+    uploads += [
+        (path, relative) for relative, path in local_files.items() if relative.startswith("logs/")
+    ]
+    infos = [
+        _upload(store, layout, path, relative, index)
+        for index, (path, relative) in enumerate(uploads)
     ]
     paths = {f"eval/{name}": folder / name for name in names} | local_files
     html = render_unpublished(
@@ -160,6 +163,15 @@ def publish_eval(
         stages=stages,
     )
     (folder / "report.html").write_text(html, encoding="utf-8")
-    infos.append(store.put_file(folder / "report.html", layout.key(layout.EVAL_REPORT)))
-    infos += list(store.list(layout.key(BASE_SCORES)))
+    infos.append(_upload(store, layout, folder / "report.html", layout.EVAL_REPORT, len(infos)))
+    # `list` takes a folder: eval/base.json is found by listing eval/.
+    base_key = layout.key(BASE_SCORES)
+    infos += [info for info in store.list(layout.key("eval/")) if info.key == base_key]
+    faults.reach("manifest", 0)
     return infos
+
+
+def _upload(store: Store, layout: RunLayout, path: Path, relative: str, index: int) -> ObjectInfo:
+    """One file of the evaluation (`index`: files of this publication already uploaded)."""
+    faults.reach("publish", index)
+    return store.put_file(path, layout.key(relative))

@@ -24,7 +24,7 @@ from kubetune.api.v1alpha1.evaluation import (
     SuiteSpec,
 )
 from kubetune.storage import RunLayout, Store
-from kubetune.trainer import evaluate
+from kubetune.trainer import evaluate, faults
 from kubetune.trainer.scoring import suites as suite_scoring
 
 if TYPE_CHECKING:
@@ -188,6 +188,7 @@ def base_scores(
         return ModelScores()
     log("Evaluating the base model")
     scores = score_model(model, tokenizer, inputs, evaluation, batch_size, log)
+    faults.reach("eval", 0)
     store.put_bytes(json.dumps(scores.to_json()).encode(), key)
     return scores
 
@@ -201,6 +202,7 @@ def run_judge(
 ) -> JudgeResult | None:
     """The LLM judge over both models' answers; its metrics are added to base and tuned.
     The base model against itself wins half of the time: its JudgeWinRate is 0.5."""
+    faults.reach("eval", 1)
     if Metric.JUDGE not in evaluation.metrics or evaluation.judge is None:
         return None
     from kubetune.trainer.scoring.judge import conversation_text, judge

@@ -20,7 +20,7 @@ from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.api.v1alpha1.methods import ADAPTER_METHODS, Method
 from kubetune.api.v1alpha1.training import TrainingSpec
 from kubetune.storage import RunLayout
-from kubetune.trainer import export
+from kubetune.trainer import export, faults
 from kubetune.trainer.resolve import ResolvedModel
 
 Log = Callable[[str], None]
@@ -68,6 +68,7 @@ def run_export(
         )
         if exported.merge:
             result.folders.append((merged_dir, RunLayout.MERGED))
+        faults.reach("export", 0)
     if not exported.quantize or merged_dir is None:
         return result
     from kubetune.trainer import quantize
@@ -84,7 +85,7 @@ def run_export(
     if drift is not None:
         result.merged["adapterPerplexity"] = adapter_perplexity
         log(drift)
-    for scheme in exported.quantize:
+    for index, scheme in enumerate(exported.quantize, start=1):
         try:
             variant = quantize.quantize(
                 merged_dir,
@@ -109,6 +110,7 @@ def run_export(
         )
         log(f"{scheme.value}: {_describe(result.quantized[scheme.value])}")
         result.folders.append((variant.folder, f"{RunLayout.QUANTIZED}{scheme.value}/"))
+        faults.reach("export", index)
     return result
 
 

@@ -87,7 +87,9 @@ def run_reward_stage(
     ctx.log(f"{STAGE}: starting from the policy as it is after the previous stages")
     start = policy_folder(ctx, model, ctx.work_dir / "reward-start")
     keep = (training.checkpoint or CheckpointSpec()).keep
-    resume = checkpointing.download_latest(ctx.store, layout, ctx.work_dir / "resume-reward")
+    resume = checkpointing.download_latest(
+        ctx.store, layout, ctx.work_dir / "resume-reward", STAGE, log_path=ctx.log_path
+    )
     if ctx.cuda:
         import torch
 

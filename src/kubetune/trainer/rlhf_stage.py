@@ -223,7 +223,9 @@ def _run_ppo(
     else:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     start, state = 0, None
-    resume = checkpointing.download_latest(ctx.store, layout, ctx.work_dir / "resume-rlhf")
+    resume = checkpointing.download_latest(
+        ctx.store, layout, ctx.work_dir / "resume-rlhf", STAGE, log_path=ctx.log_path
+    )
     if resume is not None:
         start, folder = resume
         checkpointing.load_policy_weights(model, folder)

@@ -222,7 +222,7 @@ def commit_checkpoint(
 ) -> None:
     """Upload and commit a checkpoint folder with the training log so far (a restarted pod
     continues the log); every stage checkpoints through here."""
-    checkpointing.upload_checkpoint(store, layout, folder, step, keep)
+    checkpointing.upload_checkpoint(store, layout, folder, step, keep, stage, log_path=log_path)
     if log_path.is_file():
         store.put_file(log_path, layout.key(TRAIN_LOG))
     faults.reach("checkpoint-committed", step, stage)
@@ -266,8 +266,14 @@ def _callbacks(
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
             values = {k: v for k, v in (logs or {}).items() if isinstance(v, int | float)}
             values["epoch"] = state.epoch or 0
+            if "train_loss" in values:  # the Trainer's own counts this process's steps only
+                logged = checkpointing.logged_train_loss(state.log_history)
+                values["train_loss"] = values["train_loss"] if logged is None else logged
             record = progress.record(state.global_step, values, state.num_input_tokens_seen)
             log(progress.line(record))
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            faults.reach("mid-step", state.global_step + 1, progress.stage)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             faults.reach("step-end", state.global_step, progress.stage)
@@ -376,13 +382,22 @@ def run_trainer(
 
         torch.cuda.reset_peak_memory_stats()  # each stage reports its own peak
     resume = checkpointing.download_latest(
-        store, layout, work_dir / f"resume-{layout.checkpoints_dir.strip('/').replace('/', '-')}"
+        store,
+        layout,
+        work_dir / f"resume-{layout.checkpoints_dir.strip('/').replace('/', '-')}",
+        stage,
+        log_path=progress.log_path,
     )
     if resume is not None:
         log(f"Resuming {stage} from the checkpoint at step {resume[0]}")
+        checkpointing.restore_token_count(trainer, resume[1])
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     try:
-        output = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
+        if resume is not None and resume[0] >= progress.total_steps:
+            finished = checkpointing.finish_trainer(trainer, resume[1])
+        else:
+            output = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
+            finished = output.metrics
     finally:
         signal.signal(signal.SIGTERM, previous)
     topo = distributed.topology()
@@ -398,7 +413,10 @@ def run_trainer(
         raise Preempted(
             f"stopped by SIGTERM in {stage} at step {trainer.state.global_step} (checkpoint saved)"
         )
-    result_metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, int | float)}
+    result_metrics = {k: float(v) for k, v in finished.items() if isinstance(v, int | float)}
+    train_loss = checkpointing.logged_train_loss(trainer.state.log_history)
+    if train_loss is not None:
+        result_metrics["train_loss"] = train_loss
     if cuda:
         import torch
 

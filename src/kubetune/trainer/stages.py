@@ -35,7 +35,7 @@ from kubetune.trainer import checkpointing, distributed
 from kubetune.trainer.models import Precisions, TrainingSetupError
 from kubetune.trainer.progress import Metrics
 from kubetune.trainer.resolve import ResolvedModel
-from kubetune.trainer.sft import StageResult
+from kubetune.trainer.sft import TRAIN_LOG, StageResult
 from kubetune.trainer.stage_context import StageContext
 
 if TYPE_CHECKING:
@@ -225,6 +225,8 @@ def run_stages(
             "metrics": result.metrics,
         }
         if distributed.topology().main:  # only rank 0 publishes
+            if result.log.is_file():  # with what the stage logged after its last checkpoint
+                store.put_file(result.log, layout.key(TRAIN_LOG))
             store.put_bytes(
                 json.dumps(record).encode(),
                 stage_layout.key(stage_layout.checkpoints_dir + COMPLETE),

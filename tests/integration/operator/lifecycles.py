@@ -160,7 +160,7 @@ def retry_then_fail(run: Run) -> None:
     running = f"Training run {job['metadata']['labels'][names.LABEL_RUN_ID]} (attempt 2 of 4)"
     run.until(lambda s: summary(s) == running, "attempt 2 running")
     ended = run.cluster.terminate_pod(second, BAD_ROW, exit_code_for(Reason.DATASET_INVALID))
-    run.until(lambda s: "after DatasetInvalid" in summary(s), "the dataset error to be seen")
+    run.until(lambda s: "DatasetInvalid: " in summary(s), "the dataset error to be seen")
     assert run.cluster.pod_ended(ended) is None, "DatasetInvalid is a FailJob exit code"
     run.until(lambda s: s.get("stage") == "Failed", "stage Failed")
 
