@@ -33,7 +33,13 @@ from kubetune.api.contract import Reason
 from kubetune.api.v1alpha1.modeldeployment import Variant
 from kubetune.cli import main
 from kubetune.storage.checkpoints import commit_checkpoint, latest_complete_checkpoint
-from kubetune.storage.errors import ManifestMismatch, RunIncomplete, StorageError, TransferFailed
+from kubetune.storage.errors import (
+    ManifestMismatch,
+    ObjectCorrupt,
+    RunIncomplete,
+    StorageError,
+    TransferFailed,
+)
 from kubetune.storage.fetch import MARKER, fetch_run
 from kubetune.storage.layout import RunLayout
 from kubetune.storage.manifest import (
@@ -602,12 +608,17 @@ def test_checkpoint_restore_refuses_a_damaged_checkpoint(
         commit_checkpoint(store, layout, step, [info])
     key = layout.key(f"{layout.checkpoint(2)}model.safetensors")
 
-    # Damaged on the way, on every read: the download is refused with DownloadFailed.
+    # Damaged on every read: the object itself is refused (ObjectCorrupt, DownloadFailed)
+    # and the restore falls back to the previous checkpoint.
     fault = proxy.plan(Fault("corrupt", phase="response", key="step-000002/model"))[0]
-    with pytest.raises(TransferFailed) as err:
-        download_latest(store, layout, tmp_path / "restore")
+    with pytest.raises(ObjectCorrupt) as err:
+        store.get_file(key, tmp_path / "direct" / "model.safetensors")
     assert_clear(err.value, Reason.DOWNLOAD_FAILED, store.uri_for(key), "corrupt")
     assert fault.injected == 3
+    restored = download_latest(store, layout, tmp_path / "restore")
+    assert restored is not None
+    assert restored[0] == 1
+    assert fault.injected == 6
     proxy.clear()
 
     # Replaced in the store by other bytes of the same size: the marker's sha256 refuses

@@ -82,6 +82,14 @@ class TransferFailed(StorageError):
     default_reason = Reason.UPLOAD_FAILED
 
 
+class ObjectCorrupt(TransferFailed):
+    """Every download of an object came back with other bytes than the store recorded: the
+    object itself is damaged (readers with an older copy, e.g. the previous checkpoint,
+    fall back to it)."""
+
+    default_reason = Reason.DOWNLOAD_FAILED
+
+
 class InvalidKey(StorageError, ValueError):
     """A key or name that could escape the run directory (absolute, `..`, empty segment)."""
 

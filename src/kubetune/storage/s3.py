@@ -34,6 +34,7 @@ from kubetune.api.contract import Reason
 from kubetune.storage.errors import (
     AccessDenied,
     InvalidKey,
+    ObjectCorrupt,
     ObjectNotFound,
     StorageError,
     TransferFailed,
@@ -288,7 +289,7 @@ class S3Store:
                         attempt + 1,
                         attempts,
                     )
-            raise TransferFailed(
+            raise ObjectCorrupt(
                 f"download of {uri} is corrupt on each of {attempts} attempts ({found}): the "
                 "object was damaged or replaced in the store, or something on the way damages "
                 "it; publish it again (re-run the job) or fix the network path",

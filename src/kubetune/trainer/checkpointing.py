@@ -30,6 +30,7 @@ from kubetune.storage.checkpoints import (
     load_checkpoint,
     prune_checkpoints,
 )
+from kubetune.storage.errors import ObjectCorrupt
 from kubetune.trainer import faults
 
 logger = logging.getLogger("kubetune.trainer")
@@ -102,7 +103,11 @@ def download_latest(
             faults.reach("checkpoint-download", index, stage)
             local = target / entry.path
             local.parent.mkdir(parents=True, exist_ok=True)
-            store.get_file(scoped.key(checkpoint.folder + entry.path), local)
+            try:
+                store.get_file(scoped.key(checkpoint.folder + entry.path), local)
+            except ObjectCorrupt:  # the store's own checksum refused it on every attempt
+                corrupted = entry.path
+                break
             if _sha256(local) != entry.sha256.removeprefix("sha256:"):
                 corrupted = entry.path
                 break
