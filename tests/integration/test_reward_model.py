@@ -102,3 +102,48 @@ def test_reward_model_learns_preferences_and_reloads(
     scored = pair_metrics(chosen, rejected)
     assert scored.accuracy == result.after.accuracy
     assert scored.mean_margin == pytest.approx(result.after.mean_margin, rel=1e-3)
+
+
+def test_resuming_from_the_final_checkpoint_trains_no_further(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A stage killed after its final checkpoint, before it was marked complete, resumes at
+    the last step: it must end there with the same weights, not take one step more."""
+    from safetensors.torch import load_file
+
+    from kubetune.api.v1alpha1.training import CheckpointSpec
+
+    training = TrainingSpec(
+        max_steps=4,
+        learning_rate="1e-3",
+        batch_size=8,
+        max_seq_length=256,
+        warmup_steps=0,
+        log_every_steps=1,
+        checkpoint=CheckpointSpec(every_steps=2, keep=2),
+    )
+
+    def train(name: str, resume_from: Path | None) -> object:
+        return train_reward_model(
+            tiny_model_dir,
+            load_tokenizer(tiny_model_dir),
+            date_preference_rows(80),
+            spec=RewardModelSpec(eval_fraction=EVAL_FRACTION),
+            training=training,
+            lora=None,
+            output_dir=tmp_path / name,
+            checkpoint_dir=tmp_path / "checkpoints",
+            seed=SEED,
+            log=lambda _: None,
+            resume_from=resume_from,
+        )
+
+    first = train("first", None)
+    final = tmp_path / "checkpoints" / "checkpoint-4"
+    assert final.is_dir()
+    resumed = train("resumed", final)
+    assert resumed.steps == first.steps == 4  # type: ignore[attr-defined]
+    ours = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    theirs = load_file(str(tmp_path / "first" / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    assert all(bool((ours[k] == theirs[k]).all()) for k in theirs)

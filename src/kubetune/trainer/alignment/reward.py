@@ -38,6 +38,7 @@ from kubetune.trainer.alignment.reward_scoring import (
     pair_metrics,
     score_ids,
 )
+from kubetune.trainer.checkpointing import finish_trainer
 from kubetune.trainer.models import Precisions, TrainingSetupError, choose_precision
 from kubetune.trainer.progress import Metrics, StageProgress
 from kubetune.trainer.sft import _OPTIMIZERS, _SCHEDULES, Preempted
@@ -422,7 +423,16 @@ def train_reward_model(
         log(f"Resuming {STAGE} from {resume_from}")
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        resumed_at = _checkpoint_step(resume_from)
+        if (
+            resume_from is not None
+            and resumed_at is not None
+            and resumed_at >= progress.total_steps
+        ):
+            # The final checkpoint is committed: train() would take one step more.
+            finish_trainer(trainer, resume_from)
+        else:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if stop["requested"]:
