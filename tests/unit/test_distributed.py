@@ -98,8 +98,10 @@ def test_strategy_arguments() -> None:
     fsdp = distributed.trainer_arguments(
         make_spec(distributed={"strategy": "FSDP", "cpuOffload": True}), TWO, cuda=True
     )
-    assert fsdp["fsdp"] == "full_shard auto_wrap offload"
+    assert fsdp["fsdp"] is True
     assert fsdp["fsdp_config"]["version"] == 2
+    assert fsdp["fsdp_config"]["cpu_offload"] is True
+    assert fsdp["fsdp_config"]["reshard_after_forward"] is True
     # Rank 0's checkpoint must be complete across nodes: full state dicts.
     assert fsdp["fsdp_config"]["state_dict_type"] == "FULL_STATE_DICT"
     zero3 = distributed.trainer_arguments(
@@ -111,6 +113,22 @@ def test_strategy_arguments() -> None:
     zero2 = distributed.deepspeed_config(distributed.DistributedStrategy.DEEPSPEED_ZERO2, False)
     assert zero2["zero_optimization"]["stage"] == 2
     assert "offload_optimizer" not in zero2["zero_optimization"]
+
+
+def test_fsdp_arguments_are_what_the_trainer_expects(tmp_path: Path) -> None:
+    """transformers turns them into accelerate's FSDP2 plugin without the deprecated
+    string form (checked without processes: the plugin is built from the arguments)."""
+    from transformers import TrainingArguments
+
+    arguments = distributed.trainer_arguments(
+        make_spec(distributed={"strategy": "FSDP"}), TWO, cuda=True
+    )
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **arguments)
+    plugin = args._process_fsdp_args()
+    assert plugin is not None
+    assert plugin["fsdp_version"] == 2
+    assert plugin["state_dict_type"] == "FULL_STATE_DICT"
+    assert plugin["reshard_after_forward"] is True
 
 
 def test_ranks_other_than_zero_read_but_never_write(tmp_path: Path) -> None:

@@ -193,14 +193,18 @@ def trainer_arguments(spec: FineTuneJobSpec, topo: Topology, *, cuda: bool) -> d
     offload = bool(distributed and distributed.cpu_offload)
     if strategy == DistributedStrategy.FSDP:
         return {
-            "fsdp": "full_shard auto_wrap" + (" offload" if offload else ""),
+            "fsdp": True,
             "fsdp_config": {
                 "version": 2,
+                # Full shard: parameters are gathered per layer for its forward and backward,
+                # then freed again. Layers are wrapped by the model's own block class.
+                "reshard_after_forward": True,
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "cpu_offload": offload,
                 # Checkpoints and the trained weights are gathered into rank 0's files, so
                 # rank 0's checkpoint is complete even when the ranks span several nodes.
                 "state_dict_type": "FULL_STATE_DICT",
                 "cpu_ram_efficient_loading": False,
-                "reshard_after_forward": True,
             },
         }
     if strategy in (DistributedStrategy.DEEPSPEED_ZERO2, DistributedStrategy.DEEPSPEED_ZERO3):
