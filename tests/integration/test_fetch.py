@@ -423,7 +423,7 @@ result = fetch_run(
     args.get("dir"),
     cache_root=args.get("cache_root"),
     store=store,
-    options=FetchOptions(progress_interval_s=0.5),
+    options=FetchOptions(progress_interval_s=args.get("progress_interval_s", 0.5)),
     log=lambda line: print(line, file=sys.stderr, flush=True),
 )
 peak = memory_kib("VmHWM")
@@ -517,7 +517,14 @@ def test_memory_stays_bounded_on_a_200_mb_file(s3_root: str, tmp_path: Path) -> 
     )
     write_manifest(store, layout, [ObjectInfo(key, size, digest.hexdigest())])
 
-    process, log = start_driver(tmp_path, "memory", run_uri=layout.run_uri, dir=str(tmp_path / "m"))
+    # A short progress interval: on a fast machine the whole fetch takes under half a second.
+    process, log = start_driver(
+        tmp_path,
+        "memory",
+        run_uri=layout.run_uri,
+        dir=str(tmp_path / "m"),
+        progress_interval_s=0.01,
+    )
     result = finish(process, log)
 
     assert result["downloaded"] == size
