@@ -10,18 +10,32 @@ from typing import Any
 
 import pytest
 
+_active = [0]
+"""moto servers running in this process (they share one in-memory backend)."""
+
 
 @contextmanager
 def moto_s3() -> Iterator[str]:
-    """Run moto's S3 server on a free port; yields its endpoint URL."""
+    """Run moto's S3 server on a free port; yields its endpoint URL.
+
+    Every moto server of a process shares one in-memory backend: when the last one stops,
+    its buckets are emptied, so the next test starts from an empty S3."""
+    import urllib.request
+
     import moto.server as moto_server
 
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    _active[0] += 1
     try:
-        yield f"http://{host}:{port}"
+        yield endpoint
     finally:
+        _active[0] -= 1
+        if _active[0] == 0:
+            reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+            urllib.request.urlopen(reset, timeout=30).close()
         server.stop()
 
 
