@@ -25,7 +25,7 @@ from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.operator.children import build_children
 from kubetune.operator.pod import CONFIG_KEY, CONFIG_PATH, TERMINATION_LOG, WORK_DIR
 from kubetune.operator.settings import OperatorSettings
-from support.distributed_runs import assert_same_training, environment, spec
+from support.distributed_runs import assert_same_training, environment, kubetune_run, spec
 
 pytestmark = pytest.mark.slow
 
@@ -139,22 +139,8 @@ def test_the_rendered_two_node_command_trains_like_one_process(
 def test_kubetune_run_with_two_processes_trains_like_one(
     tmp_path: Path, tiny_model_dir: Path, reference: Path
 ) -> None:
-    job = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "two-processes"},
-        "spec": spec(tiny_model_dir, 1, distributed={"strategy": "DDP"}),
-    }
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    command = [sys.executable, "-m", "kubetune", "run", str(path), "--output", str(tmp_path)]
-    proc = subprocess.run(
-        [*command, "--nproc-per-node", "2"],
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    job_spec = spec(tiny_model_dir, 1, distributed={"strategy": "DDP"})
+    proc = kubetune_run(tmp_path, "two-processes", job_spec, 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Training in 2 processes" in proc.stderr
     run = Path(proc.stdout.strip().splitlines()[-1])
@@ -164,23 +150,9 @@ def test_kubetune_run_with_two_processes_trains_like_one(
 def test_a_sharded_strategy_on_cpus_is_refused_before_any_work(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    job = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "fsdp-on-cpus"},
-        "spec": spec(tiny_model_dir, 1, distributed={"strategy": "FSDP"}),
-    }
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    command = [sys.executable, "-m", "kubetune", "run", str(path), "--output", str(tmp_path / "o")]
-    proc = subprocess.run(
-        [*command, "--nproc-per-node", "2"],
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    job_spec = spec(tiny_model_dir, 1, distributed={"strategy": "FSDP"})
+    proc = kubetune_run(tmp_path, "fsdp-on-cpus", job_spec, 2)
     assert proc.returncode == 10, proc.stderr[-2000:]
     assert "distributed.strategy: FSDP needs GPUs" in proc.stderr
     assert "use DDP on CPUs" in proc.stderr
-    assert not list((tmp_path / "o").rglob("manifest.json"))
+    assert not list((tmp_path / "out").rglob("manifest.json"))

@@ -3,15 +3,12 @@ one GPU on the same data and global batch, and a kill/resume across both ranks."
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from support.distributed_runs import assert_same_training, environment, losses, spec
+from support.distributed_runs import assert_same_training, kubetune_run, losses, spec
 
 pytestmark = pytest.mark.gpu
 
@@ -28,27 +25,6 @@ def two_gpus() -> bool:
 
 
 needs_two = pytest.mark.skipif("not two_gpus()", reason="needs two GPUs")
-
-
-def kubetune_run(
-    tmp: Path, name: str, job_spec: dict[str, Any], processes: int, **env: str
-) -> subprocess.CompletedProcess[str]:
-    job = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": job_spec,
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(job))
-    command = [sys.executable, "-m", "kubetune", "run", str(path), "--output", str(tmp / "out")]
-    return subprocess.run(
-        [*command, "--nproc-per-node", str(processes)],
-        env={**environment(), **env},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
 
 
 def run(tmp: Path, name: str, job_spec: dict[str, Any], processes: int) -> Path:

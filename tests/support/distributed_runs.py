@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from safetensors.torch import load_file
 
 LOSS_TOLERANCE = 2e-3
@@ -66,3 +69,26 @@ def environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "KUBETUNE_FAULT"}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return env
+
+
+def kubetune_run(
+    tmp: Path, name: str, job_spec: dict[str, Any], processes: int, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`kubetune run` of a FineTuneJob named `name` in `processes` processes, output under
+    tmp/out; its RUN_URI is the last line of stdout."""
+    job = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": job_spec,
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    command = [sys.executable, "-m", "kubetune", "run", str(path), "--output", str(tmp / "out")]
+    return subprocess.run(
+        [*command, "--nproc-per-node", str(processes)],
+        env={**environment(), **env},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
