@@ -158,3 +158,60 @@ def test_trl_padding_free_loss_matches_sdpa_in_bf16() -> None:
         torch.cuda.empty_cache()
     print(f"\nTRL padding-free batch loss: {losses}")
     assert abs(losses["sdpa"] - losses["kubetune_varlen"]) < 1e-2
+
+
+def test_fused_kernels_and_lean_adapters_keep_the_loss_and_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Liger's kernels (as the trainer applies them) and LoRA layers without PEFT's fp32
+    input cast give the plain path's loss and adapter gradients, up to bf16 noise."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.models.llama import modeling_llama
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from kubetune.trainer.fastpath import kernels
+
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):  # Liger patches these
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    rng = random.Random(2)
+    examples = [
+        {"input_ids": [rng.randrange(3, 32000) for _ in range(n)]} for n in _lengths(4000, 2)
+    ]
+    batch = {
+        k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in collator(examples).items()
+    }
+    losses, grads = {}, {}
+    for variant in ("plain", "fused + lean"):
+        model = _model("kubetune_varlen").train()
+        if variant != "plain":
+            kernels.apply_fused_kernels(model)
+            assert "Liger" in type(model.model.layers[0].mlp).__name__ or "liger" in (
+                model.model.layers[0].mlp.forward.__module__
+            )
+        config = LoraConfig(r=16, target_modules="all-linear", lora_dropout=0.0)
+        peft_model = get_peft_model(model, config)
+        torch.manual_seed(1)
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        if variant != "plain":
+            assert kernels.apply_lean_adapters(peft_model) > 0
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = peft_model(**batch, use_cache=False).loss
+        loss.backward()
+        losses[variant] = loss.item()
+        grads[variant] = {
+            n: p.grad.float().clone()
+            for n, p in peft_model.named_parameters()
+            if p.requires_grad and p.grad is not None
+        }
+        del model, peft_model
+        torch.cuda.empty_cache()
+    plain, fast = grads["plain"], grads["fused + lean"]
+    assert plain.keys() == fast.keys()
+    assert len(plain) > 0
+    worst = max(((plain[n] - fast[n]).norm() / plain[n].norm()).item() for n in plain)
+    print(f"\nloss plain/fused+lean: {losses}; worst relative gradient difference {worst:.4f}")
+    assert abs(losses["plain"] - losses["fused + lean"]) < 1e-2
+    assert worst < 0.05

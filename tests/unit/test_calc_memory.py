@@ -10,6 +10,7 @@ from kubetune.api.v1alpha1.methods import Method
 from kubetune.api.v1alpha1.training import DistributedStrategy, Optimizer, Precision
 from kubetune.calc import KNOWN_ARCHITECTURES, AdapterSettings, TrainingSetup, estimate_memory
 from kubetune.calc.architectures import parameter_count
+from kubetune.calc.memory import checkpointing_options, least_checkpointing, with_checkpointing
 
 GIB = 1024**3
 L8, L1 = "llama-3.1-8b", "llama-3.2-1b"
@@ -272,3 +273,42 @@ def test_eager_attention_keeps_the_score_matrices() -> None:
     )
     extra = 16 * 32 * 4096 * 4096 * 4  # layers x heads x s x s x 4 bytes (one sequence)
     assert (eager.activations_gib - fused.activations_gib) * GIB == pytest.approx(extra)
+
+
+def test_checkpointing_every_nth_layer_sits_between_all_and_none() -> None:
+    arch = KNOWN_ARCHITECTURES[L8]
+    base = setup(Method.LORA, batch_size=4, seq_len=2048)
+    off = estimate_memory(arch, replace(base, gradient_checkpointing=False))
+    every = estimate_memory(arch, replace(base, gradient_checkpointing=True))
+    half = estimate_memory(arch, replace(base, gradient_checkpointing=True, checkpoint_every=2))
+    assert (off.checkpointed_layers, half.checkpointed_layers, every.checkpointed_layers) == (
+        0,
+        16,
+        32,
+    )
+    assert every.allocated_gib < half.allocated_gib < off.allocated_gib
+    # Half the layers keep their activations: about half of what checkpointing saves.
+    saved = off.allocated_gib - every.allocated_gib
+    assert half.allocated_gib - every.allocated_gib == pytest.approx(saved / 2, rel=0.1)
+
+
+def test_checkpointing_options_run_from_none_to_every_layer() -> None:
+    assert checkpointing_options(32)[:4] == [0, 32, 16, 11]
+    assert checkpointing_options(32)[-1] == 1
+    counts = [-(-32 // n) for n in checkpointing_options(32)[1:]]
+    assert counts == sorted(set(counts))  # each option checkpoints more layers than the last
+
+
+def test_least_checkpointing_takes_the_fewest_layers_that_fit() -> None:
+    arch = KNOWN_ARCHITECTURES[L8]
+    base = setup(Method.LORA, batch_size=8, seq_len=2048)
+    every = least_checkpointing(arch, base, 139.8)
+    assert 1 < every < 32
+    chosen = estimate_memory(arch, with_checkpointing(base, every))
+    assert chosen.total_gib <= 139.8
+    more_kept = [n for n in checkpointing_options(32) if n > every or n == 0]
+    for n in more_kept:  # anything with fewer checkpointed layers does not fit
+        if -(-32 // max(n, 1)) < chosen.checkpointed_layers or n == 0:
+            assert estimate_memory(arch, with_checkpointing(base, n)).total_gib > 139.8
+    assert least_checkpointing(arch, base, 500.0) == 0
+    assert least_checkpointing(arch, base, 10.0) == 1

@@ -12,7 +12,10 @@ reports) plus a fragmentation margin and the CUDA context. Components, in bytes:
   paged variants the same (their steady state sits on the GPU), SGD none (no momentum),
   Adafactor the factored second moment (rows + columns per matrix, fp32).
 - activations: `activations.layer_activations` per token per layer; with gradient
-  checkpointing every layer keeps only its input and one layer is recomputed at a time.
+  checkpointing a checkpointed layer keeps only its input and one layer is recomputed at a
+  time. Checkpointing every n-th layer (`checkpoint_every`, transformers' `every_n_layers`)
+  keeps the full activations of the others: the least recomputation that fits is what
+  `least_checkpointing` finds for `gradientCheckpointing: Auto`.
 - logits: a fused, chunked LM-head loss (TRL >= 1.16) keeps a bf16 4096 x 32768 tile and the
   hidden states it scores; the plain
   loss keeps bf16 logits, their fp32 copy and log-softmax (12 bytes per token per vocab entry).
@@ -23,7 +26,7 @@ reports) plus a fragmentation margin and the CUDA context. Components, in bytes:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kubetune.api.v1alpha1.methods import Method
 from kubetune.api.v1alpha1.training import DistributedStrategy, Optimizer, Precision
@@ -46,6 +49,8 @@ FRAGMENTATION = 0.10
 LOSS_TOKEN_TILE = 4096
 LOSS_VOCAB_TILE = 32768
 SHARDED = (DistributedStrategy.FSDP, DistributedStrategy.DEEPSPEED_ZERO3)
+FUSED_KERNEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+"""Architectures whose RMSNorm and SwiGLU Liger replaces (the memory counts above)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class TrainingSetup:
         batch_size: sequences per micro-batch per GPU.
         adapter: LoRA / prefix / prompt settings.
         gradient_checkpointing: recompute activations in the backward pass.
+        checkpoint_every: with gradient_checkpointing, checkpoint layers 0, n, 2n, ... only
+            (1: every layer).
         precision: Auto (= BF16), BF16, FP16 or FP32.
         optimizer: Auto (PagedAdamW8bit for QLoRA, else AdamW) or a named one.
         gpus: GPUs that train together.
@@ -69,6 +76,9 @@ class TrainingSetup:
         eager_attention: attention without a fused kernel (keeps the s x s scores).
         sequences_per_example: 2 for preference pairs (chosen and rejected).
         frozen_model_copies: extra frozen bf16 copies of the base (reference or reward model).
+        fused_kernels: the trainer's Liger kernels (RMSNorm, SwiGLU) for the architectures in
+            FUSED_KERNEL_TYPES.
+        lean_adapters: LoRA layers without PEFT's fp32 input cast.
     """
 
     method: Method = Method.LORA
@@ -76,6 +86,7 @@ class TrainingSetup:
     batch_size: int = 1
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
     gradient_checkpointing: bool = True
+    checkpoint_every: int = 1
     precision: Precision = Precision.AUTO
     optimizer: Optimizer = Optimizer.AUTO
     gpus: int = 1
@@ -87,12 +98,20 @@ class TrainingSetup:
     eager_attention: bool = False
     sequences_per_example: int = 1
     frozen_model_copies: int = 0
+    fused_kernels: bool = False
+    lean_adapters: bool = False
 
     @property
     def tokens(self) -> int:
         """Tokens in one micro-batch (prompt tuning prepends its virtual tokens)."""
         virtual = self.adapter.num_virtual_tokens if self.method == Method.PROMPT_TUNING else 0
         return self.batch_size * self.sequences_per_example * (self.seq_len + virtual)
+
+    def checkpointed_layers(self, num_layers: int) -> int:
+        """How many of `num_layers` decoder layers recompute their activations."""
+        if not self.gradient_checkpointing:
+            return 0
+        return -(-num_layers // max(self.checkpoint_every, 1))
 
 
 @dataclass(frozen=True)
@@ -117,6 +136,7 @@ class MemoryEstimate:
     params: TrainableParams
     tokens_per_micro_batch: int
     gradient_checkpointing: bool
+    checkpointed_layers: int
     optimizer: Optimizer
     precision: Precision
     notes: tuple[str, ...] = ()
@@ -192,20 +212,23 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
         lora_dropout=setup.adapter.dropout,
         quantized_base=method == Method.QLORA,
         eager_attention=setup.eager_attention,
+        fused_kernels=setup.fused_kernels and arch.model_type in FUSED_KERNEL_TYPES,
+        lean_adapters=setup.lean_adapters,
     )
     scale = tokens * (2 if fp32 else 1)
     saved = float((layer.saved + layer.attention_scores_per_token * setup.seq_len) * scale)
     working, layer_input = float(layer.working * scale), float(layer.layer_input * scale)
-    if gc:
-        stored = arch.num_layers * layer_input
+    checkpointed = replace(setup, gradient_checkpointing=gc).checkpointed_layers(arch.num_layers)
+    kept = arch.num_layers - checkpointed  # layers that keep all their activations
+    stored = checkpointed * layer_input + kept * saved
+    if checkpointed:
         layer_peak = saved + working
         end_of_backward = layer_input + saved + working
     else:
-        stored = arch.num_layers * saved
         layer_peak = 0.0  # the last layer's gradients reuse what its activations release
         end_of_backward = saved + working
     if master:  # autocast keeps bf16 copies of the weights it multiplies by
-        stored += 2 * (arch.layer_linear_params() if gc else layer_linears)
+        stored += 2 * arch.layer_linear_params() * (kept + (1 if checkpointed else 0))
     if method == Method.QLORA:  # one dequantized weight, forward and backward
         layer_peak += 2 * 2 * max(i * o for i, o in arch.linear_shapes().values())
 
@@ -241,7 +264,35 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
         params=params,
         tokens_per_micro_batch=tokens,
         gradient_checkpointing=gc,
+        checkpointed_layers=checkpointed,
         optimizer=optimizer,
         precision=precision,
         notes=tuple(notes),
     )
+
+
+def checkpointing_options(num_layers: int) -> list[int]:
+    """`checkpoint_every` values from the least recomputation to the most: 0 (off), then
+    every n-th layer, one n per count of checkpointed layers (the smallest n, which spaces
+    them most evenly), ending with 1 (every layer)."""
+    smallest: dict[int, int] = {}  # checkpointed layers -> the evenest spacing giving them
+    for every in range(max(num_layers, 1), 0, -1):
+        smallest[-(-num_layers // every)] = every
+    return [0] + [smallest[count] for count in sorted(smallest)]
+
+
+def with_checkpointing(setup: TrainingSetup, every: int) -> TrainingSetup:
+    """`setup` with checkpointing off (every 0) or on every n-th layer."""
+    if every <= 0:
+        return replace(setup, gradient_checkpointing=False, checkpoint_every=1)
+    return replace(setup, gradient_checkpointing=True, checkpoint_every=every)
+
+
+def least_checkpointing(arch: Architecture, setup: TrainingSetup, memory_gib: float) -> int:
+    """The `checkpoint_every` of `gradientCheckpointing: Auto`: off when the step fits in
+    `memory_gib` without it, else the fewest checkpointed layers that fit, else every layer
+    (1; the job then does not fit at all)."""
+    for every in checkpointing_options(arch.num_layers):
+        if estimate_memory(arch, with_checkpointing(setup, every)).total_gib <= memory_gib:
+            return every
+    return 1

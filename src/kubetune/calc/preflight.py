@@ -6,8 +6,11 @@ it fits and, when it does not, advice that names changes which do fit. `choose_g
 
 How `Auto` settings are read:
 
-- `training.gradientCheckpointing: Auto` is off when the step fits without it and on
-  otherwise (also on when the GPU memory is unknown). Prefix tuning never checkpoints.
+- `training.gradientCheckpointing: Auto` is off when the step fits without it, else it
+  checkpoints the fewest layers that fit (every n-th layer), else every layer (also when the
+  GPU memory is unknown). Chains with a RewardModel or RLHF stage checkpoint every layer:
+  their generation and scoring memory is not modelled closely enough to spend the margin.
+  Prefix tuning never checkpoints.
 - `training.optimizer: Auto` is PagedAdamW8bit for QLoRA, AdamW otherwise.
 - `training.precision: Auto` is BF16 (FP16 on GPUs without bf16 takes the same memory).
 - Each stage is checked with its own batch size; preference stages (DPO, ORPO, KTO, SimPO,
@@ -29,10 +32,22 @@ from kubetune.api.v1alpha1.methods import (
     PromptTuningSpec,
     QLoRASpec,
 )
-from kubetune.api.v1alpha1.training import DistributedStrategy, Toggle, TrainingSpec
+from kubetune.api.v1alpha1.training import (
+    DistributedStrategy,
+    FastPaths,
+    Precision,
+    Toggle,
+    TrainingSpec,
+)
 from kubetune.calc.architectures import Architecture
 from kubetune.calc.lora import AdapterSettings
-from kubetune.calc.memory import SHARDED, MemoryEstimate, TrainingSetup, estimate_memory
+from kubetune.calc.memory import (
+    SHARDED,
+    MemoryEstimate,
+    TrainingSetup,
+    checkpointing_options,
+    estimate_memory,
+)
 
 if TYPE_CHECKING:
     from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
@@ -92,25 +107,46 @@ def adapter_settings(spec: FineTuneJobSpec) -> AdapterSettings:
 
 
 def stage_setups(
-    spec: FineTuneJobSpec, gpus: int, gradient_checkpointing: bool
+    spec: FineTuneJobSpec,
+    gpus: int,
+    gradient_checkpointing: bool,
+    checkpoint_every: int = 1,
+    fused_kernels: bool | None = None,
 ) -> list[tuple[str, TrainingSetup]]:
     """One TrainingSetup per stage of the spec, as the trainer will run it on `gpus` GPUs per
-    pod (sharding spans every node: the setup's GPU count is gpus x distributed.nodes)."""
+    pod (sharding spans every node: the setup's GPU count is gpus x distributed.nodes), with
+    gradient checkpointing on every `checkpoint_every`-th layer when it is on.
+
+    `fused_kernels` says whether the trainer applies Liger's kernels; None reads
+    `fastPaths.fusedKernels` as the trainer image runs it (Auto: on; the image ships them).
+    Lean adapters follow `fastPaths.leanAdapters` (Auto: on for LoRA and QLoRA under
+    autocast)."""
     training = spec.training or TrainingSpec()
+    fast = training.fast_paths or FastPaths()
     distributed = spec.distributed
     full = spec.method == Method.FULL
+    if fused_kernels is None:
+        fused_kernels = fast.fused_kernels != Toggle.DISABLED
+    lean = (
+        fast.lean_adapters != Toggle.DISABLED
+        and spec.method in (Method.LORA, Method.QLORA)
+        and training.precision != Precision.FP32
+    )
     base = TrainingSetup(
         method=spec.method,
         seq_len=training.max_seq_length,
         batch_size=training.batch_size,
         adapter=adapter_settings(spec),
         gradient_checkpointing=gradient_checkpointing,
+        checkpoint_every=checkpoint_every,
         precision=training.precision,
         optimizer=training.optimizer,
         gpus=max(gpus, 1) * (distributed.nodes if distributed else 1),
         strategy=distributed.strategy if distributed else DistributedStrategy.NONE,
         cpu_offload=bool(distributed and distributed.cpu_offload),
         double_quant=(spec.qlora or QLoRASpec()).double_quant,
+        fused_kernels=fused_kernels,
+        lean_adapters=lean,
     )
     setups = []
     for stage in spec.stages:
@@ -142,19 +178,39 @@ def _worst(
 
 
 def _evaluate(
-    spec: FineTuneJobSpec, arch: Architecture, gpu_memory_gib: float | None, gpus: int
+    spec: FineTuneJobSpec,
+    arch: Architecture,
+    gpu_memory_gib: float | None,
+    gpus: int,
+    fused: bool | None,
 ) -> tuple[str, TrainingSetup, MemoryEstimate]:
     toggle = (spec.training or TrainingSpec()).gradient_checkpointing
     if toggle != Toggle.AUTO:
-        return _worst(arch, stage_setups(spec, gpus, toggle == Toggle.ENABLED))
-    without = _worst(arch, stage_setups(spec, gpus, False))
-    if gpu_memory_gib is not None and without[2].total_gib <= gpu_memory_gib:
-        return without
-    return _worst(arch, stage_setups(spec, gpus, True))
+        enabled = toggle == Toggle.ENABLED
+        return _worst(arch, stage_setups(spec, gpus, enabled, fused_kernels=fused))
+    if gpu_memory_gib is None or not partial_checkpointing_allowed(spec):
+        return _worst(arch, stage_setups(spec, gpus, True, fused_kernels=fused))
+    for every in checkpointing_options(arch.num_layers):
+        setups = stage_setups(spec, gpus, every > 0, max(every, 1), fused_kernels=fused)
+        worst = _worst(arch, setups)
+        if worst[2].total_gib <= gpu_memory_gib:
+            return worst
+    return _worst(arch, stage_setups(spec, gpus, True, fused_kernels=fused))
+
+
+def partial_checkpointing_allowed(spec: FineTuneJobSpec) -> bool:
+    """Whether `gradientCheckpointing: Auto` may checkpoint fewer than all layers: not for
+    chains with a RewardModel or RLHF stage (see the module docstring)."""
+    return not any(s.type in (StageType.REWARD_MODEL, StageType.RLHF) for s in spec.stages)
 
 
 def preflight(
-    spec: FineTuneJobSpec, arch: Architecture, gpu_memory_gib: float | None, gpus: int
+    spec: FineTuneJobSpec,
+    arch: Architecture,
+    gpu_memory_gib: float | None,
+    gpus: int,
+    *,
+    fused_kernels: bool | None = None,
 ) -> Preflight:
     """Check a job against the GPUs it will get.
 
@@ -163,8 +219,10 @@ def preflight(
         arch: the base model's architecture (`load_architecture`).
         gpu_memory_gib: memory of one GPU, or None when unknown.
         gpus: GPUs per pod (0 means a CPU run: nothing to check).
+        fused_kernels: whether the trainer applies Liger's kernels (None: as the trainer
+            image would, from `fastPaths.fusedKernels`).
     """
-    stage, setup, estimate = _evaluate(spec, arch, gpu_memory_gib, gpus)
+    stage, setup, estimate = _evaluate(spec, arch, gpu_memory_gib, gpus, fused_kernels)
     needed = estimate.total_gib
     if gpu_memory_gib is None or gpus < 1:
         return Preflight(None, needed, gpu_memory_gib, gpus, stage, setup, estimate)

@@ -19,7 +19,13 @@ from kubetune.calc.compute import (
     flops_per_token,
 )
 from kubetune.calc.config import ArchitectureError
-from kubetune.calc.memory import MemoryEstimate, TrainingSetup, estimate_memory
+from kubetune.calc.memory import (
+    MemoryEstimate,
+    TrainingSetup,
+    estimate_memory,
+    least_checkpointing,
+    with_checkpointing,
+)
 from kubetune.calc.optimizers import EIGHT_BIT
 from kubetune.calc.preflight import advice_text, alternatives
 
@@ -104,7 +110,8 @@ def calculate(
         arch: the model.
         setup: the training setup.
         auto_checkpointing: decide gradient checkpointing like `Auto` does (off when the step
-            fits without it, else on) instead of taking `setup.gradient_checkpointing`.
+            fits without it, else the fewest checkpointed layers that fit) instead of taking
+            `setup.gradient_checkpointing`.
         gpu: a GPU class (its memory and peak rate), if known.
         gpu_memory_gib: memory of one GPU (default: the class's).
         tokens: trained tokens per epoch, for time and GPU-hours.
@@ -114,9 +121,8 @@ def calculate(
     """
     memory_gib = gpu_memory_gib if gpu_memory_gib is not None else gpu.memory_gib if gpu else None
     if auto_checkpointing:
-        off = replace(setup, gradient_checkpointing=False)
-        fits_off = memory_gib is not None and estimate_memory(arch, off).total_gib <= memory_gib
-        setup = off if fits_off else replace(setup, gradient_checkpointing=True)
+        every = least_checkpointing(arch, setup, memory_gib) if memory_gib is not None else 1
+        setup = with_checkpointing(setup, every)
     memory = estimate_memory(arch, setup)
     setup = replace(setup, gradient_checkpointing=memory.gradient_checkpointing)
     fits = None if memory_gib is None else memory.total_gib <= memory_gib
@@ -176,6 +182,7 @@ def to_json(calc: Calculation) -> dict[str, Any]:
             "batchSize": setup.batch_size,
             "tokensPerMicroBatch": mem.tokens_per_micro_batch,
             "gradientCheckpointing": mem.gradient_checkpointing,
+            "checkpointedLayers": mem.checkpointed_layers,
             "precision": mem.precision.value,
             "optimizer": mem.optimizer.value,
             "gpus": setup.gpus,
@@ -256,7 +263,10 @@ def _duration(seconds: float) -> str:
 def render_text(calc: Calculation) -> str:
     """The breakdown as an aligned plain-text table."""
     arch, setup, mem = calc.arch, calc.setup, calc.memory
-    gc = "on" if mem.gradient_checkpointing else "off"
+    gc = "off"
+    if mem.gradient_checkpointing:
+        layers = mem.checkpointed_layers
+        gc = "on" if layers == arch.num_layers else f"on for {layers} of {arch.num_layers} layers"
     pairs = "2 x " if setup.sequences_per_example == 2 else ""
     lines = [
         f"{arch.name} ({arch.model_type}, {_count(parameter_count(arch))} parameters): "

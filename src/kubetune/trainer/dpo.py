@@ -24,7 +24,7 @@ from kubetune.api.v1alpha1.alignment import DPOLossType, DPOSpec, KTOSpec, Stage
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.api.v1alpha1.training import CheckpointSpec, TrainingSpec
 from kubetune.storage import RunLayout, Store
-from kubetune.trainer.models import Precisions, TrainingSetupError
+from kubetune.trainer.models import Checkpointing, Precisions, TrainingSetupError
 from kubetune.trainer.progress import Metrics
 from kubetune.trainer.sft import StageResult, run_trainer, trainer_arguments
 
@@ -74,7 +74,7 @@ def dpo_config(
     precisions: Precisions,
     *,
     cuda: bool,
-    checkpointing: bool,
+    checkpointing: Checkpointing,
     has_validation: bool,
 ) -> Any:
     """TRL's DPOConfig: the shared Trainer arguments plus alignment.dpo."""
@@ -107,7 +107,7 @@ def kto_config(
     precisions: Precisions,
     *,
     cuda: bool,
-    checkpointing: bool,
+    checkpointing: Checkpointing,
     has_validation: bool,
 ) -> Any:
     """TRL's KTOConfig: the shared Trainer arguments plus alignment.kto."""
@@ -151,7 +151,7 @@ def train_dpo(
     work_dir: Path,
     precisions: Precisions,
     cuda: bool,
-    checkpointing_on: bool,
+    checkpointing_on: Checkpointing,
     metrics: Metrics | None,
     log: Callable[[str], None],
     max_validation: int,

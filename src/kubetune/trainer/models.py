@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from kubetune.api.base import parse_decimal
 from kubetune.api.contract import Reason
@@ -82,15 +82,58 @@ def choose_precision(
     return Precisions(load=load, bf16=wanted == Precision.BF16, fp16=wanted == Precision.FP16)
 
 
-def gradient_checkpointing(spec: FineTuneJobSpec, cuda: bool) -> bool:
-    """On when asked; Auto turns it on for GPUs (memory) and off on CPUs (speed). Prefix
-    tuning never uses it (PEFT's prefix tuning fails with it)."""
+@dataclass(frozen=True)
+class Checkpointing:
+    """Gradient checkpointing as the trainer applies it."""
+
+    every_n_layers: int = 0
+    """0: off; n: decoder layers 0, n, 2n, ... recompute their activations (1: every layer;
+    transformers' `every_n_layers`)."""
+
+    reason: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_n_layers > 0
+
+    def trainer_kwargs(self) -> dict[str, Any] | None:
+        """The Trainer's `gradient_checkpointing_kwargs`."""
+        if not self.enabled:
+            return None
+        return {"use_reentrant": False, "every_n_layers": self.every_n_layers}
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return f"off ({self.reason})"
+        which = (
+            "every layer" if self.every_n_layers == 1 else f"every {self.every_n_layers}th layer"
+        )
+        return f"on, {which} ({self.reason})"
+
+
+def gradient_checkpointing(spec: FineTuneJobSpec, cuda: bool, planned: Any = None) -> Checkpointing:
+    """Enabled: every layer; Disabled: off. Auto is off on CPUs (speed) and, on GPUs, what the
+    memory preflight planned (`planned`: its TrainingSetup): off when the step fits without
+    it, else the fewest checkpointed layers that fit; every layer when there is no plan (an
+    architecture the calculator does not know). Prefix tuning never uses it (PEFT's prefix
+    tuning fails with it)."""
     toggle = (spec.training or TrainingSpec()).gradient_checkpointing
     if spec.method == Method.PREFIX_TUNING:
-        return False
-    if toggle == Toggle.AUTO:
-        return cuda
-    return toggle == Toggle.ENABLED
+        return Checkpointing(0, "prefix tuning trains without it")
+    if toggle == Toggle.ENABLED:
+        return Checkpointing(1, "training.gradientCheckpointing is Enabled")
+    if toggle == Toggle.DISABLED:
+        return Checkpointing(0, "training.gradientCheckpointing is Disabled")
+    if not cuda:
+        return Checkpointing(0, "Auto on a CPU")
+    if planned is None:
+        return Checkpointing(1, "Auto without a memory estimate")
+    if not planned.gradient_checkpointing:
+        return Checkpointing(0, "Auto: the step fits in GPU memory without it")
+    every = max(int(planned.checkpoint_every), 1)
+    if every == 1:
+        return Checkpointing(1, "Auto: the step needs it on every layer to fit")
+    return Checkpointing(every, "Auto: the fewest checkpointed layers that fit in GPU memory")
 
 
 def _bnb_config(qlora: QLoRASpec) -> Any:
@@ -138,18 +181,19 @@ def load_base_model(
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
     path = resolved.path
     if resolved.random_weights:
+        # Created where they will be used: an 8B model takes a minute to initialize on CPUs.
         if spec.method != Method.QLORA:
-            model = build_random_model(resolved.path, seed, precisions.load)
+            model = build_random_model(resolved.path, seed, precisions.load, device=device)
             model.set_attn_implementation(attn_implementation)
-            if device is not None:
-                model = cast("PreTrainedModel", model.to(device))  # type: ignore[arg-type]
             return model
         # bitsandbytes quantizes while loading: write the random weights once, load them 4-bit.
         path = work_dir / "random-weights"
         if not (path / "config.json").is_file():
-            build_random_model(resolved.path, seed, precisions.load).save_pretrained(
-                str(path), safe_serialization=True
-            )
+            random_model = build_random_model(resolved.path, seed, precisions.load, device=device)
+            random_model.save_pretrained(str(path), safe_serialization=True)
+            del random_model
+            if cuda:
+                torch.cuda.empty_cache()
     kwargs: dict[str, Any] = resolved.from_pretrained_kwargs()
     if spec.method == Method.QLORA:
         kwargs["quantization_config"] = _bnb_config(spec.qlora or QLoRASpec())
@@ -241,14 +285,21 @@ def prepare_model(
     model: PreTrainedModel,
     tokenizer_dir: str,
     *,
-    checkpointing: bool,
+    checkpointing: Checkpointing,
 ) -> PreTrainedModel:
-    """Wrap the base model for the method; returns the model to train."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    """Wrap the base model for the method; returns the model to train.
+
+    QLoRA is prepared like PEFT's `prepare_model_for_kbit_training` (frozen base, input
+    gradients for checkpointing) without its upcast of every unquantized weight to fp32:
+    under autocast the embeddings, norms and LM head compute in bf16 anyway, and on an 8B
+    model the fp32 copies would cost 2 GiB.
+    """
+    from peft import get_peft_model
 
     if spec.method == Method.QLORA:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    elif checkpointing:
+        for param in model.parameters():
+            param.requires_grad = False
+    if checkpointing.enabled:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if spec.method != Method.FULL:
             model.enable_input_require_grads()

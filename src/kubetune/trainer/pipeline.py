@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubetune.api.contract import Reason, TrainerConfig, TrainerResult
 from kubetune.api.v1alpha1.evaluation import EvaluationSpec, ExportSpec
@@ -39,11 +39,15 @@ from kubetune.trainer.data_stage import (
     run_stage_data_stage,
 )
 from kubetune.trainer.eval_publish import EvalRecord, publish_eval
+from kubetune.trainer.fastpath import kernels
 from kubetune.trainer.progress import Metrics
 from kubetune.trainer.resolve import ResolvedModel, resolve_model
 from kubetune.trainer.reward_stage import REWARD_MODEL_DIR
 from kubetune.trainer.sft import TRAIN_LOG, packing_enabled
 from kubetune.trainer.stages import StageData
+
+if TYPE_CHECKING:
+    from kubetune.calc.memory import TrainingSetup
 
 Log = Callable[[str], None]
 
@@ -59,6 +63,7 @@ class PipelineError(Exception):
 def check_supported(spec: FineTuneJobSpec) -> None:
     """Refuse, before any work, what this version of the trainer cannot do."""
     stages.check_stages(spec)
+    kernels.check_compile((spec.training or TrainingSpec()).fast_paths)
 
 
 def _layout(config: TrainerConfig) -> RunLayout:
@@ -180,8 +185,11 @@ def _run_pipeline(
     evaluation = spec.evaluation or EvaluationSpec()
     inputs = eval_stage.prepare_inputs(evaluation, val_path, eval_path, work_dir, log)
 
-    _preflight(spec, resolved, cuda, log)
     training = spec.training or TrainingSpec()
+    fused = kernels.fused_kernels_choice(
+        training.fast_paths, cuda, resolved.config.get("model_type")
+    )
+    planned = _preflight(spec, resolved, cuda, fused.enabled, log)
     precisions = models.choose_precision(
         training, spec.method, cuda, cuda and torch.cuda.is_bf16_supported()
     )
@@ -190,9 +198,13 @@ def _run_pipeline(
         training.fast_paths, cuda, packing_enabled(spec), model_config=resolved.config
     )
     log(f"Attention: {attention.name} ({attention.reason})")
+    lean = kernels.lean_adapters_choice(training.fast_paths, precisions.bf16 or precisions.fp16)
     model = models.load_base_model(
         spec, resolved, precisions, training.seed, work_dir, attn_implementation=attention.name
     )
+    log(f"Fused kernels: {'on' if fused.enabled else 'off'} ({fused.reason})")
+    if fused.enabled:
+        kernels.apply_fused_kernels(model)
     base = None
     if topo.main:
         base = eval_stage.base_scores(
@@ -200,8 +212,11 @@ def _run_pipeline(
         )
 
     models.undo_cpu_inference_packing(model)
-    checkpointing = models.gradient_checkpointing(spec, cuda)
+    checkpointing = models.gradient_checkpointing(spec, cuda, planned)
+    log(f"Gradient checkpointing: {checkpointing.describe()}")
     model = models.prepare_model(spec, model, str(resolved.path), checkpointing=checkpointing)
+    if lean.enabled and kernels.apply_lean_adapters(model):
+        log(f"Lean adapters: LoRA layers skip the fp32 input cast ({lean.reason})")
     trainable, total = models.trainable_parameters(model)
     log(f"Training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f} %)")
     _continue_log(store, layout, work_dir)
@@ -438,21 +453,27 @@ def _check_export(spec: FineTuneJobSpec, resolved: ResolvedModel) -> None:
         check_quantize_spec(exported, resolved.path)
 
 
-def _preflight(spec: FineTuneJobSpec, resolved: ResolvedModel, cuda: bool, log: Log) -> None:
-    """Refuse a job whose estimate exceeds the GPU before any weights are loaded."""
+def _preflight(
+    spec: FineTuneJobSpec, resolved: ResolvedModel, cuda: bool, fused_kernels: bool, log: Log
+) -> TrainingSetup | None:
+    """Refuse a job whose estimate exceeds the GPU before any weights are loaded; returns
+    the calculator's plan (gradient checkpointing for Auto), None without one."""
     import torch
 
     from kubetune.calc import ArchitectureError, load_architecture, preflight
 
     if not cuda:
-        return
+        return None
     try:
         arch = load_architecture(str(resolved.path))
     except ArchitectureError as exc:
         log(f"Memory preflight skipped: {exc}")
-        return
+        return None
     memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-    verdict = preflight(spec, arch, memory_gib, torch.cuda.device_count())
+    verdict = preflight(
+        spec, arch, memory_gib, torch.cuda.device_count(), fused_kernels=fused_kernels
+    )
     log(f"Memory estimate: {verdict.needed_gib:.1f} GiB per GPU of {memory_gib:.1f} GiB")
     if verdict.fits is False:
         raise PipelineError(Reason.INSUFFICIENT_GPU_MEMORY, verdict.advice)
+    return verdict.setup

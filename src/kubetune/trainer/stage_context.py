@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.storage import RunLayout, Store
-from kubetune.trainer.models import Precisions
+from kubetune.trainer.models import Checkpointing, Precisions
 from kubetune.trainer.progress import Metrics
 from kubetune.trainer.resolve import ResolvedModel
 
@@ -32,7 +32,7 @@ class StageContext:
     work_dir: Path
     precisions: Precisions
     cuda: bool
-    checkpointing_on: bool
+    checkpointing_on: Checkpointing
     metrics: Metrics | None
     max_validation: int
     log: Callable[[str], None]

@@ -32,7 +32,7 @@ from kubetune.api.v1alpha1.methods import PROMPT_LEARNING_METHODS
 from kubetune.api.v1alpha1.training import TrainingSpec
 from kubetune.storage import RunLayout, Store
 from kubetune.trainer import checkpointing, distributed
-from kubetune.trainer.models import Precisions, TrainingSetupError
+from kubetune.trainer.models import Checkpointing, Precisions, TrainingSetupError
 from kubetune.trainer.progress import Metrics
 from kubetune.trainer.resolve import ResolvedModel
 from kubetune.trainer.sft import TRAIN_LOG, StageResult
@@ -172,7 +172,7 @@ def run_stages(
     work_dir: Path,
     precisions: Precisions,
     cuda: bool,
-    checkpointing_on: bool,
+    checkpointing_on: Checkpointing,
     metrics: Metrics | None,
     max_validation: int,
     log: Log,

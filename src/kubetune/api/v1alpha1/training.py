@@ -73,10 +73,18 @@ class FastPaths(ApiModel):
     """Attention kernel for packed and padded batches."""
 
     compile: Toggle = Toggle.AUTO
-    """torch.compile of the model (Auto: on GPUs, off on CPUs)."""
+    """torch.compile of the model. Auto leaves it off (packed rows change shape every step);
+    Enabled is refused until it is supported."""
 
     fused_kernels: Toggle = Toggle.AUTO
-    """Fused kernels (RMSNorm, RoPE, SwiGLU, linear + cross-entropy) where available."""
+    """Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU (the loss is always a fused,
+    chunked LM head). Auto: on GPUs for the architectures Liger supports when liger-kernel is
+    installed (the trainer image ships it), off on CPUs."""
+
+    lean_adapters: Toggle = Toggle.AUTO
+    """LoRA layers skip PEFT's cast of their input to the adapters' fp32, which the BF16/FP16
+    autocast turns straight back (the same numbers, less memory traffic). Auto: on under
+    autocast; Disabled keeps PEFT's cast."""
 
 
 class CheckpointSpec(ApiModel):

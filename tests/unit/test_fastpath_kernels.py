@@ -1,0 +1,139 @@
+"""Fused kernels, lean adapters, torch.compile and gradient checkpointing: what the trainer
+turns on, with the reason, and what it refuses."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from kubetune.api.v1alpha1 import FineTuneJobSpec
+from kubetune.api.v1alpha1.training import FastPaths, Toggle
+from kubetune.calc import TrainingSetup
+from kubetune.trainer import models
+from kubetune.trainer.fastpath import kernels
+from kubetune.trainer.models import TrainingSetupError
+
+
+def spec(**fields: Any) -> FineTuneJobSpec:
+    return FineTuneJobSpec.model_validate(
+        {
+            "model": {"uri": "builtin://random/llama-3.2-1b"},
+            "dataset": {"uri": "s3://bucket/data.jsonl"},
+            **fields,
+        }
+    )
+
+
+def fast(**toggles: Toggle) -> FastPaths:
+    return FastPaths(**toggles)  # type: ignore[arg-type]
+
+
+def test_fused_kernels_stay_off_on_a_cpu_and_say_why() -> None:
+    choice = kernels.fused_kernels_choice(None, cuda=False, model_type="llama")
+    assert not choice.enabled
+    assert "need a GPU" in choice.reason
+
+
+def test_fused_kernels_enabled_on_a_cpu_is_refused_with_the_field() -> None:
+    with pytest.raises(TrainingSetupError, match=r"training\.fastPaths\.fusedKernels Enabled"):
+        kernels.fused_kernels_choice(fast(fused_kernels=Toggle.ENABLED), False, "llama")
+
+
+def test_fused_kernels_disabled_is_honoured_everywhere() -> None:
+    choice = kernels.fused_kernels_choice(fast(fused_kernels=Toggle.DISABLED), True, "llama")
+    assert not choice.enabled
+    assert "Disabled" in choice.reason
+
+
+def test_fused_kernels_need_the_package_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: None)
+    auto = kernels.fused_kernels_choice(None, True, "llama")
+    assert not auto.enabled
+    assert "kubetune[fast]" in auto.reason
+    with pytest.raises(TrainingSetupError, match="liger-kernel"):
+        kernels.fused_kernels_choice(fast(fused_kernels=Toggle.ENABLED), True, "llama")
+
+
+def test_fused_kernels_skip_architectures_liger_does_not_know(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(kernels, "liger_model_types", lambda: frozenset({"llama"}))
+    assert kernels.fused_kernels_choice(None, True, "llama").enabled
+    other = kernels.fused_kernels_choice(None, True, "gpt_oss")
+    assert not other.enabled
+    assert "'gpt_oss'" in other.reason
+
+
+def test_lean_adapters_only_under_autocast() -> None:
+    assert kernels.lean_adapters_choice(None, autocast=True).enabled
+    assert not kernels.lean_adapters_choice(None, autocast=False).enabled
+    off = kernels.lean_adapters_choice(fast(lean_adapters=Toggle.DISABLED), autocast=True)
+    assert not off.enabled
+    with pytest.raises(TrainingSetupError, match="leanAdapters Enabled needs BF16"):
+        kernels.lean_adapters_choice(fast(lean_adapters=Toggle.ENABLED), autocast=False)
+
+
+def test_lean_adapters_switch_off_peft_input_casts_with_the_same_outputs() -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj = nn.Linear(16, 16, dtype=torch.bfloat16)
+            self.v_proj = nn.Linear(16, 16, dtype=torch.bfloat16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.v_proj(self.q_proj(x))
+
+    torch.manual_seed(0)
+    model = get_peft_model(Tiny(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(x)
+        assert kernels.apply_lean_adapters(model) == 2
+        after = model(x)
+    assert torch.equal(before, after)
+    lora = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert lora
+    assert not any(m.cast_input_dtype_enabled for m in lora)
+
+
+def test_compile_enabled_is_refused_until_supported() -> None:
+    kernels.check_compile(None)
+    kernels.check_compile(fast(compile=Toggle.DISABLED))
+    with pytest.raises(TrainingSetupError, match=r"training\.fastPaths\.compile Enabled"):
+        kernels.check_compile(fast(compile=Toggle.ENABLED))
+
+
+PLAN = TrainingSetup(gradient_checkpointing=True, checkpoint_every=4)
+
+
+@pytest.mark.parametrize(
+    ("fields", "cuda", "planned", "every"),
+    [
+        ({}, False, PLAN, 0),
+        ({}, True, None, 1),
+        ({}, True, PLAN, 4),
+        ({}, True, replace(PLAN, checkpoint_every=1), 1),
+        ({}, True, replace(PLAN, gradient_checkpointing=False), 0),
+        ({"training": {"gradientCheckpointing": "Enabled"}}, False, None, 1),
+        ({"training": {"gradientCheckpointing": "Disabled"}}, True, PLAN, 0),
+        ({"method": "PrefixTuning"}, True, PLAN, 0),
+    ],
+)
+def test_gradient_checkpointing_follows_the_toggle_and_the_memory_plan(
+    fields: dict[str, Any], cuda: bool, planned: TrainingSetup | None, every: int
+) -> None:
+    chosen = models.gradient_checkpointing(spec(**fields), cuda, planned)
+    assert chosen.every_n_layers == every
+    assert chosen.reason
+    kwargs = chosen.trainer_kwargs()
+    assert (kwargs or {}).get("every_n_layers") == (every or None)
