@@ -19,6 +19,7 @@ Parts (each fits one GPU command of under 8 minutes):
     python bench/throughput.py --part lora-8b  --baseline DIR/hf_baseline.py --out OUT
     python bench/throughput.py --part full-1b  --baseline DIR/hf_baseline.py --out OUT
     python bench/throughput.py --part qlora-8b --baseline DIR/hf_baseline.py --out OUT
+    python bench/throughput.py --part dpo-8b --out OUT   # baseline: dpo_baseline.py (TRL)
 
 `--ours-only` skips the baseline; `--variants` adds runs of ours with one fast path off.
 `--model`, `--steps` and `--rows` shrink a part for a quick check (e.g. on a CPU with
@@ -70,6 +71,13 @@ PARTS: dict[str, dict[str, Any]] = {
             "batch-8": {"batchSize": 8},
             "checkpoint-all": {"gradientCheckpointing": "Enabled"},
         },
+    },
+    "dpo-8b": {
+        "model": "builtin://random/llama-3.1-8b",
+        "method": "LoRA",
+        "pairs": True,
+        "baseline": ["TRL DPO defaults"],
+        "variants": {"checkpoint-all": {"gradientCheckpointing": "Enabled"}},
     },
     "qlora-8b": {
         "model": "builtin://random/llama-3.1-8b",
@@ -140,6 +148,29 @@ def write_rows(path: Path, n: int, tokenizer_dir: str | None, seed: int = 0) -> 
     }
 
 
+def write_pairs(path: Path, n: int, seed: int = 0) -> dict[str, Any]:
+    """Preference pairs: a short prompt and two answers whose token counts follow the same
+    lognormal distribution, halved (a pair is prompt + chosen + rejected)."""
+    rng = random.Random(seed + 2)
+    lengths = target_lengths(2 * n, seed)
+    rows = []
+    for i in range(n):
+        prompt = f"Question {i}: " + " ".join(rng.choice(WORDS) for _ in range(20))
+
+        def answer(length: int) -> str:
+            return " ".join(rng.choice(WORDS) for _ in range(max(length // 2 - 20, 4)))
+
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": answer(lengths[2 * i]),
+                "rejected": answer(lengths[2 * i + 1]),
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return {"pairs": n}
+
+
 # ---------------------------------------------------------------------------------------------
 # Ours: one FineTuneJob through `kubetune run`
 # ---------------------------------------------------------------------------------------------
@@ -156,14 +187,21 @@ def job(
     training.update(extra)
     if fast:
         training["fastPaths"] = fast
+    pairs = bool(part.get("pairs"))
     spec: dict[str, Any] = {
         "model": {"uri": part["model"]},
-        "dataset": {"uri": str(data), "format": "Alpaca", "validation": {"count": 8}},
+        "dataset": {
+            "uri": str(data),
+            "format": "Preference" if pairs else "Alpaca",
+            "validation": {"count": 8},
+        },
         "method": part["method"],
         "training": training,
         "evaluation": {"metrics": ["Perplexity"], "maxSamples": 4, "compareBase": False},
         "export": {"merge": False},
     }
+    if pairs:  # one DPO stage on the pairs, TRL's default learning rate
+        spec["stages"] = [{"type": "DPO", "training": {"learningRate": "1e-6"}}]
     if part["method"] in ("LoRA", "QLoRA"):
         spec["lora"] = {"rank": 16, "targetModules": ["all-linear"]}
     else:
@@ -206,9 +244,11 @@ def run_ours(
         last = steps[-1]
         tokens = last["num_input_tokens_seen"] - first["num_input_tokens_seen"]
         seconds = last["time"] - first["time"]
+        batch = int(spec["spec"]["training"].get("batchSize", 4))
         result.update(
             {
                 "tok_s": tokens / seconds,
+                "pairs_s": (last["step"] - first["step"]) * batch / seconds,
                 "measured_steps": last["step"] - first["step"],
                 "tokens_per_step": tokens / max(last["step"] - first["step"], 1),
                 "losses": [r["loss"] for r in steps],
@@ -278,7 +318,49 @@ def run_baseline(
     }
 
 
+def run_dpo_baseline(
+    part: dict[str, Any], data: Path, out: Path, work: Path, steps: int, warmup: int, timeout: float
+) -> dict[str, Any]:
+    """`dpo_baseline.py` on the same pairs and architecture (its config folder from
+    kubetune's resolver: config.json and the tokenizer)."""
+    from kubetune.api.v1alpha1.finetunejob import ModelSource
+    from kubetune.trainer.resolve import resolve_model
+
+    resolved = resolve_model(ModelSource(uri=part["model"]), allow_builtin_random=True)
+    batch = int(part.get("training", {}).get("batchSize", 4))
+    command = [
+        sys.executable,
+        str(Path(__file__).with_name("dpo_baseline.py")),
+        "--config-dir",
+        str(resolved.path),
+        "--data",
+        str(data),
+        "--steps",
+        str(steps - warmup - 1),
+        "--warmup",
+        str(warmup),
+        "--batch",
+        str(batch),
+        "--out",
+        str(work / "dpo-baseline"),
+    ]
+    with (out / "baseline.log").open("w") as handle:
+        try:
+            done = subprocess.run(
+                command, stdout=subprocess.PIPE, stderr=handle, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            return {"results": [{"name": "TRL DPO defaults", "error": "timeout"}]}
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT_JSON "):
+            return {"results": [json.loads(line[len("RESULT_JSON ") :])]}
+    tail = (out / "baseline.log").read_text()[-2000:]
+    return {"results": [{"name": "TRL DPO defaults", "error": f"exit {done.returncode}: {tail}"}]}
+
+
 def table(report: dict[str, Any]) -> str:
+    if PARTS[report["part"]].get("pairs"):
+        return pairs_table(report)
     base = {r["name"]: r for r in report.get("baseline", {}).get("results", [])}
     names = report.get("baseline_configs") or PARTS[report["part"]]["baseline"]
     default = base.get(names[0], {}).get("tok_s") if names else None
@@ -308,6 +390,32 @@ def table(report: dict[str, Any]) -> str:
             + f" | {r.get('peak_alloc_GiB') or 0:.1f} / {r.get('peak_reserved_GiB') or 0:.1f} | "
             + (f"{pred:.1f}" if pred else "")
             + " |"
+        )
+    return "\n".join(lines)
+
+
+def pairs_table(report: dict[str, Any]) -> str:
+    """Preference parts compare pairs per second (the two sides count tokens differently:
+    TRL's collator repeats the prompt in both sequences)."""
+    base = (report.get("baseline", {}).get("results") or [{}])[0]
+    reference = base.get("pairs_s")
+    lines = [
+        "| Run | pairs/s | vs TRL defaults | Peak allocated / reserved GiB |",
+        "| --- | --- | --- | --- |",
+    ]
+    if reference:
+        lines.append(
+            f"| TRL DPO defaults | {reference:.2f} | | {base.get('peak_alloc_GiB') or 0:.1f} / "
+            f"{base.get('peak_reserved_GiB') or 0:.1f} |"
+        )
+    for r in report["ours"]:
+        if "pairs_s" not in r:
+            lines.append(f"| {r['name']} | failed (exit {r.get('exit')}) | | |")
+            continue
+        ratio = f"{r['pairs_s'] / reference:.2f}×" if reference else ""
+        lines.append(
+            f"| {r['name']} | {r['pairs_s']:.2f} | {ratio} | {r.get('peak_alloc_GiB') or 0:.1f} / "
+            f"{r.get('peak_reserved_GiB') or 0:.1f} |"
         )
     return "\n".join(lines)
 
@@ -347,12 +455,20 @@ def main() -> int:
     work = (args.work or out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     data = work / "rows.jsonl"
-    report["data"] = write_rows(data, args.rows, args.tokenizer)
+    if part.get("pairs"):
+        report["data"] = write_pairs(data, args.rows)
+    else:
+        report["data"] = write_rows(data, args.rows, args.tokenizer)
 
     def save() -> None:
         (out / "results.json").write_text(json.dumps(report, indent=1))
 
-    if not args.ours_only:
+    if not args.ours_only and part.get("pairs"):
+        report["baseline"] = run_dpo_baseline(
+            part, data, out, work, args.steps, args.warmup, 0.45 * args.deadline
+        )
+        save()
+    elif not args.ours_only:
         if args.baseline is None:
             parser.error("--baseline is required unless --ours-only")
         if args.baseline_configs:
