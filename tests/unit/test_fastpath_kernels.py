@@ -4,6 +4,7 @@ turns on, with the reason, and what it refuses."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -137,3 +138,41 @@ def test_gradient_checkpointing_follows_the_toggle_and_the_memory_plan(
     assert chosen.reason
     kwargs = chosen.trainer_kwargs()
     assert (kwargs or {}).get("every_n_layers") == (every or None)
+
+
+def test_the_trainer_checkpoints_every_nth_layer_as_planned(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The plan reaches the layers: the Trainer enables checkpointing with every_n_layers
+    when training starts, and only layers 0, n, 2n, ... recompute."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from trl import SFTTrainer
+
+    from kubetune.trainer.models import Checkpointing, Precisions
+    from kubetune.trainer.sft import sft_config
+
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    job = spec(method="Full", training={"maxSteps": 1, "batchSize": 2, "maxSeqLength": 64})
+    args = sft_config(
+        job,
+        tmp_path / "out",
+        Precisions(load=torch.float32, bf16=False, fp16=False),
+        cuda=False,
+        checkpointing=Checkpointing(2, "test"),
+        has_validation=False,
+    )
+    rows = [{"input_ids": list(range(5, 5 + n))} for n in (20, 30, 12, 40)]
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+    trainer.train()
+    flags = [layer.gradient_checkpointing for layer in model.model.layers]
+    assert flags == [True, False, True, False]
