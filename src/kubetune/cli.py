@@ -324,6 +324,8 @@ def cmd_calc(args: argparse.Namespace) -> int:
                 gpus=args.gpus or 1,
                 strategy=parse_enum(DistributedStrategy, args.strategy, "--strategy"),
                 fused_loss=not args.full_logits,
+                fused_kernels=args.fast_paths,
+                lean_adapters=args.fast_paths,
             )
             auto = args.gradient_checkpointing is None
         result = calculate(
@@ -719,6 +721,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--full-logits",
         action="store_true",
         help="plain loss with fp32 logits instead of a fused chunked LM-head loss",
+    )
+    calc.add_argument(
+        "--fast-paths",
+        action="store_true",
+        help="the trainer's GPU fast paths (Liger's kernels, lean LoRA adapters), as a job "
+        "runs them by default; without it, the plain Hugging Face layers (--job reads them "
+        "from the job)",
     )
     calc.add_argument("--json", action="store_true", help="print JSON (schema: docs/calc.md)")
     calc.set_defaults(func=cmd_calc)
