@@ -20,6 +20,7 @@ Parts (each fits one GPU command of under 8 minutes):
     python bench/throughput.py --part full-1b  --baseline DIR/hf_baseline.py --out OUT
     python bench/throughput.py --part qlora-8b --baseline DIR/hf_baseline.py --out OUT
     python bench/throughput.py --part dpo-8b --out OUT   # baseline: dpo_baseline.py (TRL)
+    python bench/throughput.py --part calc-1b --steps 8 --warmup 2 --out OUT  # the calculator
 
 `--ours-only` skips the baseline; `--variants` adds runs of ours with one fast path off.
 `--model`, `--steps` and `--rows` shrink a part for a quick check (e.g. on a CPU with
@@ -78,6 +79,56 @@ PARTS: dict[str, dict[str, Any]] = {
         "pairs": True,
         "baseline": ["TRL DPO defaults"],
         "variants": {"checkpoint-all": {"gradientCheckpointing": "Enabled"}},
+    },
+    # The calculator against measured peaks: short runs of one configuration each (method x
+    # model x sequence length x batch x checkpointing), ours only.
+    "calc-1b": {
+        "model": "builtin://random/llama-3.2-1b",
+        "method": "LoRA",
+        "grid": {
+            "lora-4x2048-auto": {"batchSize": 4},
+            "lora-8x1024-gc": {
+                "batchSize": 8,
+                "maxSeqLength": 1024,
+                "gradientCheckpointing": "Enabled",
+            },
+            "lora-2x4096-auto": {"batchSize": 2, "maxSeqLength": 4096},
+            "full-2x2048-gc": {
+                "method": "Full",
+                "batchSize": 2,
+                "gradientCheckpointing": "Enabled",
+            },
+            "full-8x2048-auto": {"method": "Full", "batchSize": 8},
+            "qlora-4x2048-gc": {
+                "method": "QLoRA",
+                "batchSize": 4,
+                "gradientCheckpointing": "Enabled",
+            },
+        },
+    },
+    "calc-8b": {
+        "model": "builtin://random/llama-3.1-8b",
+        "method": "LoRA",
+        "grid": {
+            "lora-2x2048-auto": {"batchSize": 2},
+            "lora-8x2048-gc": {"batchSize": 8, "gradientCheckpointing": "Enabled"},
+            "lora-4x4096-auto": {"batchSize": 4, "maxSeqLength": 4096},
+            "qlora-4x2048-gc": {
+                "method": "QLoRA",
+                "batchSize": 4,
+                "gradientCheckpointing": "Enabled",
+            },
+            "qlora-8x1024-gc": {
+                "method": "QLoRA",
+                "batchSize": 8,
+                "maxSeqLength": 1024,
+                "gradientCheckpointing": "Enabled",
+            },
+            "lora-2x2048-plain-hf": {
+                "batchSize": 2,
+                "fastPaths": {"fusedKernels": "Disabled", "leanAdapters": "Disabled"},
+            },
+        },
     },
     "qlora-8b": {
         "model": "builtin://random/llama-3.1-8b",
@@ -183,6 +234,9 @@ def job(
         "logEverySteps": 1,
         "checkpoint": {"everySteps": 100000},
     }
+    extra = dict(extra)
+    part = {**part, "model": extra.pop("model", part["model"])}
+    part["method"] = extra.pop("method", part["method"])
     fast = extra.pop("fastPaths", None)
     training.update(extra)
     if fast:
@@ -361,6 +415,8 @@ def run_dpo_baseline(
 def table(report: dict[str, Any]) -> str:
     if PARTS[report["part"]].get("pairs"):
         return pairs_table(report)
+    if "grid" in PARTS[report["part"]]:
+        return calc_table(report)
     base = {r["name"]: r for r in report.get("baseline", {}).get("results", [])}
     names = report.get("baseline_configs") or PARTS[report["part"]]["baseline"]
     default = base.get(names[0], {}).get("tok_s") if names else None
@@ -390,6 +446,31 @@ def table(report: dict[str, Any]) -> str:
             + f" | {r.get('peak_alloc_GiB') or 0:.1f} / {r.get('peak_reserved_GiB') or 0:.1f} | "
             + (f"{pred:.1f}" if pred else "")
             + " |"
+        )
+    return "\n".join(lines)
+
+
+def calc_table(report: dict[str, Any]) -> str:
+    """Measured peak memory against the calculator's estimate for each configuration."""
+    lines = [
+        "| Configuration | Checkpointed layers | Allocated GiB, estimate / measured "
+        "| Reserved GiB, estimate / measured | Error (reserved) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in report["ours"]:
+        pred, alloc, reserved = (
+            r.get("predicted") or {},
+            r.get("peak_alloc_GiB"),
+            r.get("peak_reserved_GiB"),
+        )
+        if not alloc or "reserved_GiB" not in pred:
+            lines.append(f"| {r['name']} | failed (exit {r.get('exit')}) | | | |")
+            continue
+        error = pred["reserved_GiB"] / reserved - 1
+        lines.append(
+            f"| {r['name']} | {pred.get('checkpointed_layers')} | "
+            f"{pred['allocated_GiB']:.2f} / {alloc:.2f} | {pred['reserved_GiB']:.2f} / "
+            f"{reserved:.2f} | {error:+.1%} |"
         )
     return "\n".join(lines)
 
@@ -463,7 +544,9 @@ def main() -> int:
     def save() -> None:
         (out / "results.json").write_text(json.dumps(report, indent=1))
 
-    if not args.ours_only and part.get("pairs"):
+    if "grid" in part:
+        pass  # the calculator against measured peaks: no baseline
+    elif not args.ours_only and part.get("pairs"):
         report["baseline"] = run_dpo_baseline(
             part, data, out, work, args.steps, args.warmup, 0.45 * args.deadline
         )
@@ -477,7 +560,10 @@ def main() -> int:
             args.baseline, part["baseline"], out, work, 0.45 * args.deadline
         )
         save()
-    runs = [("ours", {})] + [(v, dict(part["variants"][v])) for v in args.variants]
+    if "grid" in part:  # --variants picks configurations of the grid
+        runs = [(k, v) for k, v in part["grid"].items() if not args.variants or k in args.variants]
+    else:
+        runs = [("ours", {})] + [(v, dict(part["variants"][v])) for v in args.variants]
     for label, extra in runs:
         left = args.deadline - (time.monotonic() - started)
         if left < 60:
