@@ -854,7 +854,7 @@ CASES: tuple[Case, ...] = (
          Reason.LOCAL_URI_IN_CLUSTER, None, "spec.dataset.uri", "upload it to s3://",
          local_uri_in_cluster, surfaces=OPERATOR),
     Case("gpu-memory-insufficient", "Full fine-tuning of a 70B model on 24 GB GPUs",
-         Reason.INSUFFICIENT_GPU_MEMORY, None, "needs ~1201 GiB of GPU memory",
+         Reason.INSUFFICIENT_GPU_MEMORY, None, "needs ~1195 GiB of GPU memory",
          "ask for a GPU class with more memory",
          gpu_memory_insufficient, surfaces=OPERATOR),
     Case("gpu-class-unknown", "resources.gpuClass not in the operator settings",
