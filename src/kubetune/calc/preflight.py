@@ -190,12 +190,12 @@ def _evaluate(
         return _worst(arch, stage_setups(spec, gpus, enabled, fused_kernels=fused))
     if gpu_memory_gib is None or not partial_checkpointing_allowed(spec):
         return _worst(arch, stage_setups(spec, gpus, True, fused_kernels=fused))
-    for every in checkpointing_options(arch.num_layers):
+    for every in checkpointing_options(arch.num_layers):  # ends with every layer (1)
         setups = stage_setups(spec, gpus, every > 0, max(every, 1), fused_kernels=fused)
         worst = _worst(arch, setups)
         if worst[2].total_gib <= gpu_memory_gib:
-            return worst
-    return _worst(arch, stage_setups(spec, gpus, True, fused_kernels=fused))
+            break
+    return worst
 
 
 def partial_checkpointing_allowed(spec: FineTuneJobSpec) -> bool:

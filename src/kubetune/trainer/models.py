@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from kubetune.calc.memory import TrainingSetup
+
 
 class TrainingSetupError(Exception):
     """The method cannot run here (e.g. QLoRA without bitsandbytes); carries a reason."""
@@ -111,7 +113,9 @@ class Checkpointing:
         return f"on, {which} ({self.reason})"
 
 
-def gradient_checkpointing(spec: FineTuneJobSpec, cuda: bool, planned: Any = None) -> Checkpointing:
+def gradient_checkpointing(
+    spec: FineTuneJobSpec, cuda: bool, planned: TrainingSetup | None = None
+) -> Checkpointing:
     """Enabled: every layer; Disabled: off. Auto is off on CPUs (speed) and, on GPUs, what the
     memory preflight planned (`planned`: its TrainingSetup): off when the step fits without
     it, else the fewest checkpointed layers that fit; every layer when there is no plan (an
@@ -130,7 +134,7 @@ def gradient_checkpointing(spec: FineTuneJobSpec, cuda: bool, planned: Any = Non
         return Checkpointing(1, "Auto without a memory estimate")
     if not planned.gradient_checkpointing:
         return Checkpointing(0, "Auto: the step fits in GPU memory without it")
-    every = max(int(planned.checkpoint_every), 1)
+    every = max(planned.checkpoint_every, 1)
     if every == 1:
         return Checkpointing(1, "Auto: the step needs it on every layer to fit")
     return Checkpointing(every, "Auto: the fewest checkpointed layers that fit in GPU memory")
