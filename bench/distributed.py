@@ -46,6 +46,8 @@ CASES = {
     "lora-fsdp": ("LoRA", "FSDP"),
     "lora-ddp": ("LoRA", "DDP"),
     "full-fsdp": ("Full", "FSDP"),
+    "lora-zero3": ("LoRA", "DeepSpeedZeRO3"),
+    "full-zero3": ("Full", "DeepSpeedZeRO3"),
 }
 
 
@@ -102,6 +104,7 @@ def measure(out: Path, name: str, processes: int, warmup: int) -> dict[str, Any]
         "eval_loss": stage.get("eval_loss"),
         "peak_allocated_gib": stage.get("peak_memory_allocated_gib"),
         "peak_reserved_gib": stage.get("peak_memory_reserved_gib"),
+        "peak_training_allocated_gib": stage.get("peak_memory_training_allocated_gib"),
         "run": str(folder),
     }
 

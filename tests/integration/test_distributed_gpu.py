@@ -24,7 +24,16 @@ def two_gpus() -> bool:
     return torch.cuda.device_count() >= 2
 
 
+def deepspeed_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 needs_two = pytest.mark.skipif("not two_gpus()", reason="needs two GPUs")
+needs_deepspeed = pytest.mark.skipif(
+    "not deepspeed_installed()", reason="needs the deepspeed package (extra `deepspeed`)"
+)
 
 
 def run(tmp: Path, name: str, job_spec: dict[str, Any], processes: int) -> Path:
@@ -40,7 +49,15 @@ def one_gpu(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> P
 
 
 @needs_two
-@pytest.mark.parametrize("strategy", ["DDP", "FSDP"])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "DDP",
+        "FSDP",
+        pytest.param("DeepSpeedZeRO2", marks=needs_deepspeed),
+        pytest.param("DeepSpeedZeRO3", marks=needs_deepspeed),
+    ],
+)
 def test_two_gpus_train_like_one(
     tmp_path: Path, tiny_model_dir: Path, one_gpu: Path, strategy: str
 ) -> None:
@@ -53,6 +70,7 @@ def test_two_gpus_train_like_one(
 @needs_two
 def test_a_killed_fsdp_run_resumes_on_both_ranks(tmp_path: Path, tiny_model_dir: Path) -> None:
     job_spec = spec(tiny_model_dir, 1, distributed={"strategy": "FSDP"})
+    (tmp_path / "ref").mkdir()
     reference = run(tmp_path / "ref", "fsdp-ref", job_spec, 2)
     fault = {"KUBETUNE_FAULT": "KILL@checkpoint-committed:2"}
     killed = kubetune_run(tmp_path, "killed", job_spec, 2, **fault)

@@ -239,6 +239,16 @@ def deepspeed_config(strategy: DistributedStrategy, offload: bool) -> dict[str, 
     }
 
 
+def forget_deepspeed() -> None:
+    """After training: models loaded later (rank 0's evaluation and merge) load whole on
+    one GPU. While the Trainer's ZeRO-3 config is registered, transformers would partition
+    every model it loads, and refuses a device map."""
+    if _installed("deepspeed"):
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+
+
 class WorkerStore:
     """The artifact store as a rank other than 0 sees it: reads pass through, a write
     raises (only rank 0 publishes)."""

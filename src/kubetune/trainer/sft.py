@@ -406,6 +406,7 @@ def run_trainer(
             finished = output.metrics
     finally:
         signal.signal(signal.SIGTERM, previous)
+    training_peak = _peak_allocated_gib(cuda)
     topo = distributed.topology()
     if topo.distributed:
         # Gather the sharded weights into rank 0's folder (a collective: every rank calls it);
@@ -415,6 +416,7 @@ def run_trainer(
         if topo.main:
             trainer.processing_class.save_pretrained(str(work_dir / "trained"))
             (work_dir / "trained" / "training_args.bin").unlink(missing_ok=True)
+        distributed.forget_deepspeed()
     if stop["requested"]:
         raise Preempted(
             f"stopped by SIGTERM in {stage} at step {trainer.state.global_step} (checkpoint saved)"
@@ -428,6 +430,8 @@ def run_trainer(
 
         result_metrics["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result_metrics["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        # The training steps alone, without the final gather of sharded weights into rank 0.
+        result_metrics["peak_memory_training_allocated_gib"] = training_peak
         log(
             f"Peak GPU memory: {result_metrics['peak_memory_allocated_gib']:.2f} GiB allocated, "
             f"{result_metrics['peak_memory_reserved_gib']:.2f} GiB reserved"
@@ -453,3 +457,12 @@ def _planned_steps(trainer: Any) -> int:
     batches = len(trainer.get_train_dataloader())
     per_epoch = max(1, batches // args.gradient_accumulation_steps)
     return int(per_epoch * args.num_train_epochs)
+
+
+def _peak_allocated_gib(cuda: bool) -> float:
+    """The CUDA allocator's peak since the stage began (0 without a GPU)."""
+    if not cuda:
+        return 0.0
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30
