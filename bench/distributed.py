@@ -109,11 +109,14 @@ def measure(out: Path, name: str, processes: int, warmup: int) -> dict[str, Any]
     }
 
 
-def predicted_gib(out: Path, name: str, processes: int, strategy: str | None) -> dict[str, float]:
+def predicted_gib(
+    out: Path, name: str, processes: int, strategy: str | None, gpu_class: str
+) -> dict[str, float]:
     """The calculator's peak memory per GPU for the job as run: allocated, and reserved
-    (allocated + fragmentation; the CUDA context is not in torch's counters)."""
+    (allocated + fragmentation; the CUDA context is not in torch's counters). The GPU class
+    lets it settle `gradientCheckpointing: Auto` as the trainer did."""
     command = [sys.executable, "-m", "kubetune", "calc", "--job", str(out / f"{name}.yaml")]
-    command += ["--gpus", str(processes), "--json"]
+    command += ["--gpus", str(processes), "--gpu-class", gpu_class, "--json"]
     if strategy:
         command += ["--strategy", strategy]
     report = json.loads(subprocess.check_output(command))
@@ -171,9 +174,16 @@ def main() -> int:
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--resume", action="store_true", help="also the kill/resume case")
+    parser.add_argument("--gpu-class", default="H200", help="for the calculator's prediction")
+    parser.add_argument(
+        "--previous", type=Path, help="a results.json whose one-GPU runs this run reuses"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
+    if args.previous:
+        earlier = json.loads(args.previous.read_text())
+        results.update({k: v for k, v in earlier.items() if k.endswith("-single")})
     if args.resume:
         results["resume"] = resume_case(args.out, "lora-fsdp", args.warmup)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
@@ -182,12 +192,14 @@ def main() -> int:
         single_name = f"{method.lower()}-single"
         if single_name not in results and run(job(single_name, method, None, 2), args.out, 1) == 0:
             results[single_name] = measure(args.out, single_name, 1, args.warmup)
-            results[single_name]["predicted_gib"] = predicted_gib(args.out, single_name, 1, None)
+            results[single_name]["predicted_gib"] = predicted_gib(
+                args.out, single_name, 1, None, args.gpu_class
+            )
         if run(job(case, method, strategy, 1), args.out, 2) != 0:
             results[case] = {"failed": True}
             continue
         results[case] = measure(args.out, case, 2, args.warmup)
-        results[case]["predicted_gib"] = predicted_gib(args.out, case, 2, strategy)
+        results[case]["predicted_gib"] = predicted_gib(args.out, case, 2, strategy, args.gpu_class)
         if single_name in results:
             results[case]["against_single"] = compare(results[single_name], results[case])
         (args.out / "results.json").write_text(json.dumps(results, indent=2))

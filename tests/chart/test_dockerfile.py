@@ -39,10 +39,10 @@ PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
 IMAGE_EXTRAS = {
     "operator": {"operator"},
-    "trainer": {"trainer", "qlora", "quant", "tracking", "fast"},
+    "trainer": {"trainer", "qlora", "quant", "tracking", "fast", "deepspeed"},
 }
-GPU_ONLY_EXTRAS = {"fast"}
-"""Triton kernels: nothing in them runs on the CPU test machine."""
+GPU_ONLY_EXTRAS = {"fast", "deepspeed"}
+"""Triton kernels and DeepSpeed's sharding: nothing in them runs on the CPU test machine."""
 
 
 @dataclass

@@ -21,7 +21,15 @@ reports) plus a fragmentation margin and the CUDA context. Components, in bytes:
   loss keeps bf16 logits, their fp32 copy and log-softmax (12 bytes per token per vocab entry).
 - gradients appear layer by layer while activations are released, so the peak is the largest
   of three moments (loss, start and end of the backward pass), not the sum; `overlap` is the
-  difference.
+  difference. With gradient accumulation the gradients of the earlier micro-batches are held
+  through the next forward and backward pass.
+- several GPUs: DDP adds gradient buckets the size of the gradients. FSDP and ZeRO-3 shard
+  weights, gradients and optimizer state and gather parameters in bf16 for each layer's
+  matmuls (so autocast makes no bf16 copies of full fine-tuning's fp32 weights); FSDP keeps
+  two layers gathered, ZeRO-3 up to `DEEPSPEED_MAX_LIVE_PARAMETERS`. DeepSpeed trains bf16
+  parameters with fp32 master copies in the optimizer's partition and reduces gradients
+  through buckets of `DEEPSPEED_REDUCE_BUCKET` elements (ZeRO-3 one, ZeRO-2 two with
+  overlapped communication); the trainer writes these values into its DeepSpeed config.
 """
 
 from __future__ import annotations
@@ -49,6 +57,13 @@ FRAGMENTATION = 0.10
 LOSS_TOKEN_TILE = 4096
 LOSS_VOCAB_TILE = 32768
 SHARDED = (DistributedStrategy.FSDP, DistributedStrategy.DEEPSPEED_ZERO3)
+DEEPSPEED = (DistributedStrategy.DEEPSPEED_ZERO2, DistributedStrategy.DEEPSPEED_ZERO3)
+DEEPSPEED_REDUCE_BUCKET = 500_000_000
+"""Elements per DeepSpeed gradient-reduction bucket (`reduce_bucket_size`, DeepSpeed's
+default): one bf16 buffer under ZeRO-3, two under ZeRO-2 with `overlap_comm`."""
+DEEPSPEED_MAX_LIVE_PARAMETERS = 1_000_000_000
+"""Parameters ZeRO-3 may keep gathered (`stage3_max_live_parameters`, DeepSpeed's default):
+the layers used last in the forward pass stay gathered for the backward pass."""
 FUSED_KERNEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 """Architectures whose RMSNorm and SwiGLU Liger replaces (the memory counts above)."""
 
@@ -79,6 +94,8 @@ class TrainingSetup:
         fused_kernels: the trainer's Liger kernels (RMSNorm, SwiGLU) for the architectures in
             FUSED_KERNEL_TYPES.
         lean_adapters: LoRA layers without PEFT's fp32 input cast.
+        gradient_accumulation: micro-batches per optimizer step (above 1 the gradients are
+            held through the forward and backward passes of the later micro-batches).
     """
 
     method: Method = Method.LORA
@@ -100,6 +117,7 @@ class TrainingSetup:
     frozen_model_copies: int = 0
     fused_kernels: bool = False
     lean_adapters: bool = False
+    gradient_accumulation: int = 1
 
     @property
     def tokens(self) -> int:
@@ -192,15 +210,30 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
         grads = head_grads = trainable
         states = optimizer_bytes(optimizer, arch, method, setup.adapter, 4)
 
-    ddp_buckets = grads if setup.gpus > 1 and setup.strategy not in SHARDED else 0.0
-    if setup.gpus > 1 and setup.strategy in SHARDED:
-        weights, trainable = weights / setup.gpus, trainable / setup.gpus
+    several = setup.gpus > 1
+    sharded = several and setup.strategy in SHARDED
+    deepspeed = several and setup.strategy in DEEPSPEED
+    buckets = grads if several and setup.strategy not in (*SHARDED, *DEEPSPEED) else 0.0
+    if deepspeed:  # gradient-reduction buckets in the model dtype
+        count = 1 if setup.strategy == DistributedStrategy.DEEPSPEED_ZERO3 else 2
+        buckets = count * DEEPSPEED_REDUCE_BUCKET * model_bytes
+    if deepspeed and master:  # bf16 parameters; the fp32 masters are sharded below
+        weights = float(base * 2 + base * 4 / setup.gpus)
+        if setup.strategy == DistributedStrategy.DEEPSPEED_ZERO3:
+            weights = float(base * 6 / setup.gpus)
+    if sharded:
+        if not (deepspeed and master):
+            weights = weights / setup.gpus
+        trainable = trainable / setup.gpus
         grads, head_grads, states = grads / setup.gpus, head_grads / setup.gpus, states / setup.gpus
-        weights += 2 * arch.layer_linear_params() * model_bytes  # two gathered layers
+        gathered = 2 * arch.layer_linear_params()  # two layers: the one in use, the next
+        if setup.strategy == DistributedStrategy.DEEPSPEED_ZERO3:
+            gathered = max(gathered, min(DEEPSPEED_MAX_LIVE_PARAMETERS, base))
+        weights += gathered * model_bytes
         if setup.cpu_offload:
             trainable = grads = head_grads = states = 0.0
             notes.append("CPU offload: gradients and optimizer states live in CPU memory")
-    elif setup.gpus > 1 and setup.strategy == DistributedStrategy.DEEPSPEED_ZERO2:
+    elif deepspeed:  # ZeRO-2: gradients and optimizer state sharded, parameters replicated
         grads, head_grads, states = grads / setup.gpus, head_grads / setup.gpus, states / setup.gpus
 
     tokens = setup.tokens
@@ -227,7 +260,7 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
     else:
         layer_peak = 0.0  # the last layer's gradients reuse what its activations release
         end_of_backward = saved + working
-    if master:  # autocast keeps bf16 copies of the weights it multiplies by
+    if master and not (sharded or deepspeed):  # autocast's bf16 copies of the fp32 weights
         stored += 2 * arch.layer_linear_params() * (kept + (1 if checkpointed else 0))
     if method == Method.QLORA:  # one dequantized weight, forward and backward
         layer_peak += 2 * 2 * max(i * o for i, o in arch.linear_shapes().values())
@@ -239,12 +272,15 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
         loss = tokens * arch.vocab_size * 12
         notes.append("full logits: a fused (chunked) LM-head loss would save most of this")
     activations = stored + layer_peak
-    peak = max(
-        stored + loss + head_grads,
-        activations + head_grads,
-        grads + end_of_backward,
-    )
-    persistent = weights + trainable + states + ddp_buckets
+    if setup.gradient_accumulation > 1:  # the earlier micro-batches' gradients are held
+        peak = grads + max(stored + loss, activations, end_of_backward)
+    else:
+        peak = max(
+            stored + loss + head_grads,
+            activations + head_grads,
+            grads + end_of_backward,
+        )
+    persistent = weights + trainable + states + buckets
     allocated = persistent + peak
     context = CUDA_CONTEXT_GIB + (NCCL_GIB if setup.gpus > 1 else 0.0)
     fragmentation = FRAGMENTATION * allocated / GIB
@@ -252,7 +288,7 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
     return MemoryEstimate(
         weights_gib=weights / GIB,
         trainable_gib=trainable / GIB,
-        gradients_gib=(grads + ddp_buckets) / GIB,
+        gradients_gib=(grads + buckets) / GIB,
         optimizer_gib=states / GIB,
         activations_gib=activations / GIB,
         logits_gib=loss / GIB,

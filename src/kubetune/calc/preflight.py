@@ -147,10 +147,12 @@ def stage_setups(
         double_quant=(spec.qlora or QLoRASpec()).double_quant,
         fused_kernels=fused_kernels,
         lean_adapters=lean,
+        gradient_accumulation=training.gradient_accumulation_steps,
     )
     setups = []
     for stage in spec.stages:
         batch = stage.training.batch_size if stage.training and stage.training.batch_size else None
+        accumulation = stage.training.gradient_accumulation_steps if stage.training else None
         copies = 0
         if stage.type in (StageType.DPO, StageType.KTO) and full:
             copies = 1
@@ -162,6 +164,7 @@ def stage_setups(
                 replace(
                     base,
                     batch_size=batch or base.batch_size,
+                    gradient_accumulation=accumulation or base.gradient_accumulation,
                     sequences_per_example=2 if stage.type in PREFERENCE_STAGES else 1,
                     frozen_model_copies=copies,
                 ),

@@ -31,6 +31,7 @@ from kubetune.api.v1alpha1.alignment import StageType
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.api.v1alpha1.methods import PROMPT_LEARNING_METHODS, Method
 from kubetune.api.v1alpha1.training import DistributedSpec, DistributedStrategy
+from kubetune.calc.memory import DEEPSPEED_MAX_LIVE_PARAMETERS, DEEPSPEED_REDUCE_BUCKET
 from kubetune.storage import ObjectInfo, Store
 from kubetune.trainer.models import TrainingSetupError
 
@@ -221,6 +222,8 @@ def deepspeed_config(strategy: DistributedStrategy, offload: bool) -> dict[str, 
         "stage": stage,
         "overlap_comm": True,
         "contiguous_gradients": True,
+        # What the calculator counts (kubetune.calc.memory): DeepSpeed's defaults, written out.
+        "reduce_bucket_size": DEEPSPEED_REDUCE_BUCKET,
     }
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -228,6 +231,7 @@ def deepspeed_config(strategy: DistributedStrategy, offload: bool) -> dict[str, 
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        zero["stage3_max_live_parameters"] = DEEPSPEED_MAX_LIVE_PARAMETERS
     return {
         "zero_optimization": zero,
         "bf16": {"enabled": "auto"},
