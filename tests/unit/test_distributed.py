@@ -113,6 +113,29 @@ def test_strategy_arguments() -> None:
     zero2 = distributed.deepspeed_config(distributed.DistributedStrategy.DEEPSPEED_ZERO2, False)
     assert zero2["zero_optimization"]["stage"] == 2
     assert "offload_optimizer" not in zero2["zero_optimization"]
+    assert "torch_autocast" not in zero3  # LoRA: DeepSpeed's bf16 mode
+    # Full fine-tuning: fp32 weights under torch autocast, as on one GPU (DeepSpeed's bf16
+    # mode would start the fp32 masters from bf16-rounded weights), and the Trainer's own
+    # bf16 switch off, as transformers requires.
+    for strategy in ("DeepSpeedZeRO2", "DeepSpeedZeRO3"):
+        full = distributed.trainer_arguments(
+            make_spec(method="Full", distributed={"strategy": strategy}), TWO, cuda=True, bf16=True
+        )
+        assert full["bf16"] is False
+        assert full["deepspeed"]["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    fp32 = distributed.trainer_arguments(
+        make_spec(method="Full", distributed={"strategy": "DeepSpeedZeRO3"}), TWO, cuda=True
+    )
+    assert "bf16" not in fp32
+    assert "torch_autocast" not in fp32["deepspeed"]
+    # The buffers the calculator counts are the ones DeepSpeed allocates.
+    from kubetune.calc.memory import DEEPSPEED_MAX_LIVE_PARAMETERS, DEEPSPEED_REDUCE_BUCKET
+
+    assert zero2["zero_optimization"]["reduce_bucket_size"] == DEEPSPEED_REDUCE_BUCKET
+    assert zero3["zero_optimization"]["reduce_bucket_size"] == DEEPSPEED_REDUCE_BUCKET
+    assert zero3["zero_optimization"]["stage3_max_live_parameters"] == (
+        DEEPSPEED_MAX_LIVE_PARAMETERS
+    )
 
 
 def test_fsdp_arguments_are_what_the_trainer_expects(tmp_path: Path) -> None:

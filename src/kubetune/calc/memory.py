@@ -26,10 +26,11 @@ reports) plus a fragmentation margin and the CUDA context. Components, in bytes:
 - several GPUs: DDP adds gradient buckets the size of the gradients. FSDP and ZeRO-3 shard
   weights, gradients and optimizer state and gather parameters in bf16 for each layer's
   matmuls (so autocast makes no bf16 copies of full fine-tuning's fp32 weights); FSDP keeps
-  two layers gathered, ZeRO-3 up to `DEEPSPEED_MAX_LIVE_PARAMETERS`. DeepSpeed trains bf16
-  parameters with fp32 master copies in the optimizer's partition and reduces gradients
-  through buckets of `DEEPSPEED_REDUCE_BUCKET` elements (ZeRO-3 one, ZeRO-2 two with
-  overlapped communication); the trainer writes these values into its DeepSpeed config.
+  two layers gathered, ZeRO-3 up to `DEEPSPEED_MAX_LIVE_PARAMETERS`. DeepSpeed reduces
+  gradients through buckets of `DEEPSPEED_REDUCE_BUCKET` elements (ZeRO-3 one, ZeRO-2 two
+  with overlapped communication); the trainer writes these values into its DeepSpeed
+  config. Full fine-tuning under DeepSpeed keeps fp32 weights under torch autocast, as on
+  one GPU, so its gathered parameters and buckets are fp32.
 """
 
 from __future__ import annotations
@@ -214,22 +215,21 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
     sharded = several and setup.strategy in SHARDED
     deepspeed = several and setup.strategy in DEEPSPEED
     buckets = grads if several and setup.strategy not in (*SHARDED, *DEEPSPEED) else 0.0
-    if deepspeed:  # gradient-reduction buckets in the model dtype
+    # DeepSpeed keeps full fine-tuning's weights in fp32 under torch autocast (the trainer's
+    # config), else in the model dtype; its buffers and gathered parameters follow.
+    deepspeed_bytes = 4 if master else model_bytes
+    if deepspeed:  # gradient-reduction buckets
         count = 1 if setup.strategy == DistributedStrategy.DEEPSPEED_ZERO3 else 2
-        buckets = count * DEEPSPEED_REDUCE_BUCKET * model_bytes
-    if deepspeed and master:  # bf16 parameters; the fp32 masters are sharded below
-        weights = float(base * 2 + base * 4 / setup.gpus)
-        if setup.strategy == DistributedStrategy.DEEPSPEED_ZERO3:
-            weights = float(base * 6 / setup.gpus)
+        buckets = count * DEEPSPEED_REDUCE_BUCKET * deepspeed_bytes
     if sharded:
-        if not (deepspeed and master):
-            weights = weights / setup.gpus
-        trainable = trainable / setup.gpus
+        weights, trainable = weights / setup.gpus, trainable / setup.gpus
         grads, head_grads, states = grads / setup.gpus, head_grads / setup.gpus, states / setup.gpus
-        gathered = 2 * arch.layer_linear_params()  # two layers: the one in use, the next
+        two_layers = 2 * arch.layer_linear_params()  # the one in use, the next
         if setup.strategy == DistributedStrategy.DEEPSPEED_ZERO3:
-            gathered = max(gathered, min(DEEPSPEED_MAX_LIVE_PARAMETERS, base))
-        weights += gathered * model_bytes
+            live = max(two_layers, min(DEEPSPEED_MAX_LIVE_PARAMETERS, base))
+            weights += live * deepspeed_bytes
+        else:  # FSDP gathers in bf16 (its mixed-precision policy)
+            weights += two_layers * model_bytes
         if setup.cpu_offload:
             trainable = grads = head_grads = states = 0.0
             notes.append("CPU offload: gradients and optimizer states live in CPU memory")
@@ -260,7 +260,8 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
     else:
         layer_peak = 0.0  # the last layer's gradients reuse what its activations release
         end_of_backward = saved + working
-    if master and not (sharded or deepspeed):  # autocast's bf16 copies of the fp32 weights
+    fsdp = sharded and setup.strategy == DistributedStrategy.FSDP
+    if master and not fsdp:  # autocast's bf16 copies of the fp32 weights
         stored += 2 * arch.layer_linear_params() * (kept + (1 if checkpointed else 0))
     if method == Method.QLORA:  # one dequantized weight, forward and backward
         layer_peak += 2 * 2 * max(i * o for i, o in arch.linear_shapes().values())

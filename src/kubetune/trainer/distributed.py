@@ -185,8 +185,11 @@ def finish(topo: Topology) -> None:
         dist.destroy_process_group()
 
 
-def trainer_arguments(spec: FineTuneJobSpec, topo: Topology, *, cuda: bool) -> dict[str, Any]:
-    """The Trainer's arguments for the strategy (none for one process)."""
+def trainer_arguments(
+    spec: FineTuneJobSpec, topo: Topology, *, cuda: bool, bf16: bool = False
+) -> dict[str, Any]:
+    """The Trainer's arguments for the strategy (none for one process); `bf16`: the run
+    trains under bf16 autocast."""
     if not topo.distributed:
         return {}
     distributed = spec.distributed
@@ -209,14 +212,26 @@ def trainer_arguments(spec: FineTuneJobSpec, topo: Topology, *, cuda: bool) -> d
             },
         }
     if strategy in (DistributedStrategy.DEEPSPEED_ZERO2, DistributedStrategy.DEEPSPEED_ZERO3):
+        if spec.method == Method.FULL and bf16:
+            # DeepSpeed's bf16 mode casts the weights to bf16 and builds the fp32 masters from
+            # them: every master starts on a bf16 value, and updates of about the learning
+            # rate leave the bf16 weights unchanged for several steps (the loss lags a
+            # one-GPU run). Under torch autocast the fp32 weights are the masters, as on one
+            # GPU; the Trainer's own bf16 switch must then be off.
+            config = deepspeed_config(strategy, offload, torch_autocast=True)
+            return {"deepspeed": config, "bf16": False}
         return {"deepspeed": deepspeed_config(strategy, offload)}
     # DDP (also strategy None with several processes): LoRA leaves most parameters frozen,
     # and every trainable one is used in every step.
     return {"ddp_find_unused_parameters": False, "ddp_backend": "nccl" if cuda else "gloo"}
 
 
-def deepspeed_config(strategy: DistributedStrategy, offload: bool) -> dict[str, Any]:
-    """A DeepSpeed config with the Trainer's `auto` values (batch, precision, clipping)."""
+def deepspeed_config(
+    strategy: DistributedStrategy, offload: bool, *, torch_autocast: bool = False
+) -> dict[str, Any]:
+    """A DeepSpeed config with the Trainer's `auto` values (batch, precision, clipping);
+    `torch_autocast`: fp32 weights trained under bf16 autocast instead of DeepSpeed's bf16
+    weights."""
     stage = 3 if strategy == DistributedStrategy.DEEPSPEED_ZERO3 else 2
     zero: dict[str, Any] = {
         "stage": stage,
@@ -232,7 +247,7 @@ def deepspeed_config(strategy: DistributedStrategy, offload: bool) -> dict[str, 
     if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
         zero["stage3_max_live_parameters"] = DEEPSPEED_MAX_LIVE_PARAMETERS
-    return {
+    config: dict[str, Any] = {
         "zero_optimization": zero,
         "bf16": {"enabled": "auto"},
         "fp16": {"enabled": "auto"},
@@ -241,6 +256,9 @@ def deepspeed_config(strategy: DistributedStrategy, offload: bool) -> dict[str, 
         "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto",
     }
+    if torch_autocast:
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return config
 
 
 def forget_deepspeed() -> None:

@@ -180,7 +180,9 @@ def trainer_arguments(
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
         "use_cpu": not cuda,
-        **distributed.trainer_arguments(spec, distributed.topology(), cuda=cuda),
+        **distributed.trainer_arguments(
+            spec, distributed.topology(), cuda=cuda, bf16=precisions.bf16
+        ),
     }
 
 
