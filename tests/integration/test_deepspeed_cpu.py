@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
-
 pytest.importorskip("deepspeed", reason="the dev environment installs deepspeed (make dev)")
 pytestmark = pytest.mark.slow
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "tests" / "support" / "deepspeed_cpu.py"
 LOSS_TOLERANCE = 2e-3
 """Per-step loss difference allowed (measured: under 3e-4; the sums run in another order)."""

@@ -301,7 +301,7 @@ def test_soft_capping_architectures_keep_sdpa_or_are_refused(
         )
 
 
-def test_preference_stages_run_on_sdpa_and_sft_keeps_varlen(tiny_model_dir: Path) -> None:
+def test_padded_stages_run_on_sdpa_and_packed_ones_keep_varlen(tiny_model_dir: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -313,9 +313,12 @@ def test_preference_stages_run_on_sdpa_and_sft_keeps_varlen(tiny_model_dir: Path
     ).name
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=name)
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
-    with _stage_attention(model, StageSpec(type=StageType.SFT)):
+    with _stage_attention(model, StageSpec(type=StageType.SFT), True):
         assert model.config._attn_implementation == fastpath.ATTENTION_NAME
-    with _stage_attention(model, StageSpec(type=StageType.DPO)):
-        assert model.config._attn_implementation == "sdpa"
-        assert base.model.layers[0].self_attn.config._attn_implementation == "sdpa"
+    with _stage_attention(model, StageSpec(type=StageType.DPO), True):  # packed pairs
+        assert model.config._attn_implementation == fastpath.ATTENTION_NAME
+    for stage, packed in ((StageType.DPO, False), (StageType.KTO, True)):
+        with _stage_attention(model, StageSpec(type=stage), packed):
+            assert model.config._attn_implementation == "sdpa"
+            assert base.model.layers[0].self_attn.config._attn_implementation == "sdpa"
     assert model.config._attn_implementation == fastpath.ATTENTION_NAME

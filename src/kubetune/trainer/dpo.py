@@ -13,6 +13,7 @@ resume, progress and SIGTERM work as for SFT (`sft.run_trainer`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -138,6 +139,32 @@ def kto_config(
     )
 
 
+def packed_batches(
+    spec: FineTuneJobSpec, kind: StageType, model: Any, collator: Any
+) -> tuple[bool, str]:
+    """Whether the stage trains on packed preference batches, and why (see
+    preference_packing): DPO with `training.packing: Packed` (the default), on attention
+    that keeps the sequences of a packed row apart."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from kubetune.trainer.fastpath import ATTENTION_NAME
+    from kubetune.trainer.sft import packing_enabled
+
+    if kind != StageType.DPO:
+        return False, "padded (KTO scores each answer in its own row)"
+    if not packing_enabled(spec):
+        return False, "padded (training.packing is None, or the method prepends virtual tokens)"
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attention not in (ATTENTION_NAME, "sdpa"):
+        return False, f"padded ({attention} attention does not keep packed sequences apart)"
+    if type(collator) is not DataCollatorForPreference:
+        return False, "padded (not a text preference collator)"
+    return True, (
+        "packed (each batch's chosen and rejected sequences end to end in one row, "
+        f"{attention} attention per sequence, no padding)"
+    )
+
+
 def train_dpo(
     spec: FineTuneJobSpec,
     model: PreTrainedModel,
@@ -161,6 +188,8 @@ def train_dpo(
     stage's output)."""
     from datasets import Dataset
     from trl import DPOTrainer, KTOTrainer  # type: ignore[attr-defined]
+
+    from kubetune.trainer.preference_packing import packed_collator, packed_forward
 
     train = Dataset.from_list(list(preference_rows(train_path)))
     pairs = list(preference_rows(validation_path))[:max_validation]
@@ -189,17 +218,24 @@ def train_dpo(
         eval_dataset=validation,
         processing_class=tokenizer,
     )
-    result = run_trainer(
-        trainer,
-        kind.value,
-        store=store,
-        layout=layout,
-        keep=(training.checkpoint or CheckpointSpec()).keep,
-        work_dir=work_dir,
-        cuda=cuda,
-        metrics=metrics,
-        log=log,
-    )
+    packed, why = packed_batches(spec, kind, model, trainer.data_collator)
+    log(f"{kind.value} batches: {why}")
+    hooks: Any = contextlib.nullcontext()
+    if packed:
+        trainer.data_collator = packed_collator(trainer.data_collator)
+        hooks = packed_forward(trainer.model, getattr(trainer, "ref_model", None))
+    with hooks:
+        result = run_trainer(
+            trainer,
+            kind.value,
+            store=store,
+            layout=layout,
+            keep=(training.checkpoint or CheckpointSpec()).keep,
+            work_dir=work_dir,
+            cuda=cuda,
+            metrics=metrics,
+            log=log,
+        )
     policy = result.model
     if REFERENCE_ADAPTER in getattr(policy, "peft_config", {}):
         policy.delete_adapter(REFERENCE_ADAPTER)

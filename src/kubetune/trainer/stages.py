@@ -35,7 +35,7 @@ from kubetune.trainer import checkpointing, distributed
 from kubetune.trainer.models import Checkpointing, Precisions, TrainingSetupError
 from kubetune.trainer.progress import Metrics
 from kubetune.trainer.resolve import ResolvedModel
-from kubetune.trainer.sft import TRAIN_LOG, StageResult
+from kubetune.trainer.sft import TRAIN_LOG, StageResult, packing_enabled
 from kubetune.trainer.stage_context import StageContext
 
 if TYPE_CHECKING:
@@ -214,7 +214,7 @@ def run_stages(
             _restore(chain.model, store, restore[0], work_dir, restore[1])
             restore = None
         log(f"Stage {name}: {stage.type.value}")
-        with _stage_attention(chain.model, stage):
+        with _stage_attention(chain.model, stage, packing_enabled(ctx.spec)):
             result, reward_dir = _run_stage(
                 ctx, index, stage, chain.model, data[index], stage_layout, reward_dir
             )
@@ -243,15 +243,17 @@ def run_stages(
 
 
 @contextmanager
-def _stage_attention(model: Any, stage: StageSpec) -> Iterator[None]:
-    """Packed-batch attention (`kubetune_varlen`) for SFT only: the preference and RLHF
-    stages train on padded batches, which it would hand to SDPA anyway, so they run on
-    SDPA directly; the implementation is restored afterwards."""
+def _stage_attention(model: Any, stage: StageSpec, packed: bool) -> Iterator[None]:
+    """Packed-batch attention (`kubetune_varlen`) for the stages that train on packed rows:
+    SFT, and DPO when `packed` (training.packing). The other stages train on padded
+    batches, which it would hand to SDPA anyway, so they run on SDPA directly; the
+    implementation is restored afterwards."""
     from kubetune.trainer.fastpath import ATTENTION_NAME
 
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
-    if stage.type == StageType.SFT or current != ATTENTION_NAME:
+    keeps = stage.type == StageType.SFT or (stage.type == StageType.DPO and packed)
+    if keeps or current != ATTENTION_NAME:
         yield
         return
     model.set_attn_implementation("sdpa")
