@@ -29,7 +29,7 @@ def rows() -> list[dict[str, str]]:
     ]
 
 
-def trainer_for(tiny_model_dir: Path, tmp: Path, loss_type: str) -> Any:
+def trainer_for(tiny_model_dir: Path, tmp: Path, loss_type: str, attention: str = "sdpa") -> Any:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -38,7 +38,7 @@ def trainer_for(tiny_model_dir: Path, tmp: Path, loss_type: str) -> Any:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(
-        str(tiny_model_dir), dtype=torch.float32, attn_implementation="sdpa"
+        str(tiny_model_dir), dtype=torch.float32, attn_implementation=attention
     )
     policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     with torch.no_grad():  # a policy that differs from the reference (the base model)
@@ -100,13 +100,22 @@ def test_pack_puts_the_sequences_end_to_end() -> None:
     assert packed["ref_chosen_logps"].tolist() == [-1.0, -2.0]
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize(
+    ("loss_type", "attention"),
+    [*((loss, "sdpa") for loss in LOSS_TYPES), ("sigmoid", "kubetune_varlen")],
+)
 def test_a_packed_batch_trains_like_the_padded_one(
-    tmp_path: Path, tiny_model_dir: Path, loss_type: str
+    tmp_path: Path, tiny_model_dir: Path, loss_type: str, attention: str
 ) -> None:
+    """SDPA keeps the sequences apart through transformers' per-document mask,
+    `kubetune_varlen` through the position ids it reads (on CPUs: its per-document loop,
+    the reference of the GPU kernel)."""
     import torch
 
-    trainer = trainer_for(tiny_model_dir, tmp_path, loss_type)
+    from kubetune.trainer.fastpath.attention import register_attention
+
+    register_attention()
+    trainer = trainer_for(tiny_model_dir, tmp_path, loss_type, attention)
     examples = [trainer.train_dataset[i] for i in range(4)]
     padded = trainer.data_collator(examples)
     packed = packed_collator(trainer.data_collator)(examples)
