@@ -314,7 +314,8 @@ def run_ours(
         result["peak_alloc_GiB"] = stage.get("peak_memory_allocated_gib")
         result["peak_reserved_GiB"] = stage.get("peak_memory_reserved_gib")
     text = (out / f"{name}.log").read_text()
-    for prefix in ("Gradient checkpointing:", "Fused kernels:", "Attention:", "Memory estimate:"):
+    lines = ("Gradient checkpointing:", "Fused kernels:", "Attention:", "Memory estimate:")
+    for prefix in (*lines, "DPO batches:"):
         line = next((x for x in text.splitlines() if prefix in x), None)
         if line:
             result[prefix.rstrip(":").lower().replace(" ", "_")] = line.split(prefix, 1)[1].strip()
