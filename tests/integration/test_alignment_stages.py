@@ -94,6 +94,8 @@ def test_sft_then_dpo_raises_the_preference_margin(tmp_path: Path, tiny_model_di
     assert sum(r["rewards/margins"] for r in dpo[-2:]) > sum(r["rewards/margins"] for r in dpo[:2])
     assert any("eval_rewards/accuracies" in r for r in records(log, "DPO"))
     assert any("Stage 1-dpo: DPO" in line for line in logs)
+    # The default packing: each batch's chosen and rejected answers in one row.
+    assert any(line.startswith("DPO batches: packed") for line in logs), logs
 
 
 def test_dpo_stage_refuses_conversation_data(tmp_path: Path, tiny_model_dir: Path) -> None:
