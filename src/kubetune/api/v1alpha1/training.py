@@ -152,7 +152,8 @@ class TrainingSpec(ApiModel):
     """Longest sequence in tokens; longer examples are dropped by the data stage and counted."""
 
     packing: Packing = Packing.PACKED
-    """Packed (no padding, per-document attention) or None (pad each batch)."""
+    """Packed (no padding, per-document attention; SFT rows and DPO batches) or None (pad
+    each batch)."""
 
     precision: Precision = Precision.AUTO
     """Numeric precision (Auto: BF16 on GPUs that have it, else FP32)."""
