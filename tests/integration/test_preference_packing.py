@@ -148,3 +148,20 @@ def test_without_the_hooks_a_packed_batch_fails(tmp_path: Path, tiny_model_dir: 
     packed = packed_collator(trainer.data_collator)(examples)
     with pytest.raises(RuntimeError, match="invalid for input of size"):
         trainer.compute_loss(trainer.model, packed)
+
+
+def test_reference_log_probs_of_a_packed_batch_match(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """What `precomputeReferenceLogProbs` computes (TRL's compute_ref_log_probs, also run on
+    the evaluation set at evaluation time)."""
+    import torch
+
+    trainer = trainer_for(tiny_model_dir, tmp_path, "sigmoid")
+    examples = [trainer.train_dataset[i] for i in range(4)]
+    padded = trainer.data_collator(examples)
+    packed = packed_collator(trainer.data_collator)(examples)
+    expected = trainer.compute_ref_log_probs(trainer.model, padded)
+    with packed_forward(trainer.model, trainer.ref_model):
+        chosen, rejected = trainer.compute_ref_log_probs(trainer.model, packed)
+    torch.testing.assert_close(chosen, expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rejected, expected[1], rtol=1e-5, atol=1e-5)
+    assert chosen.shape == (4,)
