@@ -24,9 +24,9 @@ reports) plus a fragmentation margin and the CUDA context. Components, in bytes:
   difference. With gradient accumulation the gradients of the earlier micro-batches are held
   through the next forward and backward pass.
 - several GPUs: DDP adds gradient buckets the size of the gradients. FSDP and ZeRO-3 shard
-  weights, gradients and optimizer state and gather parameters in bf16 for each layer's
-  matmuls (so autocast makes no bf16 copies of full fine-tuning's fp32 weights); FSDP keeps
-  two layers gathered, ZeRO-3 up to `DEEPSPEED_MAX_LIVE_PARAMETERS`. DeepSpeed reduces
+  weights, gradients and optimizer state. FSDP gathers two layers at a time, in bf16 (so
+  autocast makes no bf16 copies of full fine-tuning's fp32 weights); ZeRO-3 keeps up to
+  `DEEPSPEED_MAX_LIVE_PARAMETERS` gathered, in the weights' dtype. DeepSpeed reduces
   gradients through buckets of `DEEPSPEED_REDUCE_BUCKET` elements (ZeRO-3 one, ZeRO-2 two
   with overlapped communication); the trainer writes these values into its DeepSpeed
   config. Full fine-tuning under DeepSpeed keeps fp32 weights under torch autocast, as on
@@ -61,7 +61,8 @@ SHARDED = (DistributedStrategy.FSDP, DistributedStrategy.DEEPSPEED_ZERO3)
 DEEPSPEED = (DistributedStrategy.DEEPSPEED_ZERO2, DistributedStrategy.DEEPSPEED_ZERO3)
 DEEPSPEED_REDUCE_BUCKET = 500_000_000
 """Elements per DeepSpeed gradient-reduction bucket (`reduce_bucket_size`, DeepSpeed's
-default): one bf16 buffer under ZeRO-3, two under ZeRO-2 with `overlap_comm`."""
+default), in the gradients' dtype: one buffer under ZeRO-3, two under ZeRO-2 with
+`overlap_comm`."""
 DEEPSPEED_MAX_LIVE_PARAMETERS = 1_000_000_000
 """Parameters ZeRO-3 may keep gathered (`stage3_max_live_parameters`, DeepSpeed's default):
 the layers used last in the forward pass stay gathered for the backward pass."""
