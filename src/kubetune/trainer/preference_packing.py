@@ -104,15 +104,15 @@ def spread(output: Any, owner: torch.Tensor) -> Any:
     j + 1) as one row per sequence ([S, T - 1], zero where another sequence's tokens
     are)."""
     sequences = int(owner.max()) + 1
+    width = owner.numel() - 1
+    rows = owner[1:]  # the sequence of the token each position scores
+    columns = torch.arange(width, device=owner.device)
     for name in PER_TOKEN_FIELDS:
         value = getattr(output, name, None)
-        if value is None or value.dim() != 2 or value.size(0) != 1:
+        if value is None or value.shape != (1, width):
             continue
-        width = value.size(1)
-        rows = owner[-width:].to(value.device)
-        columns = torch.arange(width, device=value.device)
         grid = value.new_zeros((sequences, width))
-        output[name] = grid.index_put((rows, columns), value[0])
+        output[name] = grid.index_put((rows.to(value.device), columns.to(value.device)), value[0])
     return output
 
 

@@ -430,7 +430,7 @@ def run_trainer(
     if cuda:
         import torch
 
-        result_metrics["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result_metrics["peak_memory_allocated_gib"] = _peak_allocated_gib(cuda)
         result_metrics["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         # The training steps alone, without the final gather of sharded weights into rank 0.
         result_metrics["peak_memory_training_allocated_gib"] = training_peak
