@@ -48,6 +48,7 @@ CASES = {
     "full-fsdp": ("Full", "FSDP"),
     "lora-zero3": ("LoRA", "DeepSpeedZeRO3"),
     "full-zero3": ("Full", "DeepSpeedZeRO3"),
+    "full-zero2": ("Full", "DeepSpeedZeRO2"),
 }
 
 

@@ -78,7 +78,10 @@ PARTS: dict[str, dict[str, Any]] = {
         "method": "LoRA",
         "pairs": True,
         "baseline": ["TRL DPO defaults"],
-        "variants": {"checkpoint-all": {"gradientCheckpointing": "Enabled"}},
+        "variants": {
+            "padded": {"packing": "None"},
+            "checkpoint-all": {"gradientCheckpointing": "Enabled"},
+        },
     },
     # The calculator against measured peaks: short runs of one configuration each (method x
     # model x sequence length x batch x checkpointing), ours only.

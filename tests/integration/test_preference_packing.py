@@ -4,6 +4,7 @@ fp32 on CPUs."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,10 @@ def rows() -> list[dict[str, str]]:
     ]
 
 
-def trainer_for(tiny_model_dir: Path, tmp: Path, loss_type: str, attention: str = "sdpa") -> Any:
+def trainer_for(
+    tiny_model_dir: Path, tmp: Path, loss_type: str, attention: str = "sdpa", cuda: bool = False
+) -> Any:
+    """fp32 on CPUs; with `cuda`, bf16 on the GPU."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -38,10 +42,12 @@ def trainer_for(tiny_model_dir: Path, tmp: Path, loss_type: str, attention: str 
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(
-        str(tiny_model_dir), dtype=torch.float32, attn_implementation=attention
+        str(tiny_model_dir),
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        attn_implementation=attention,
     )
     policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    with torch.no_grad():  # a policy that differs from the reference (the base model)
+    with torch.no_grad():  # a policy that differs from the base model
         for name, parameter in policy.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.05)
@@ -50,10 +56,13 @@ def trainer_for(tiny_model_dir: Path, tmp: Path, loss_type: str, attention: str 
         per_device_train_batch_size=4,
         max_length=48,
         loss_type=[loss_type],
-        use_cpu=True,
+        use_cpu=not cuda,
         report_to=[],
-        bf16=False,
+        bf16=cuda,
     )
+    if cuda:  # one process on one GPU (the Trainer would wrap several in nn.DataParallel)
+        _ = args.device
+        args._n_gpu = 1
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     trainer = DPOTrainer(
         model=policy,
@@ -61,6 +70,12 @@ def trainer_for(tiny_model_dir: Path, tmp: Path, loss_type: str, attention: str 
         train_dataset=Dataset.from_list(rows()),
         processing_class=tokenizer,
     )
+    # TRL keeps a frozen copy of a given adapter ("ref") as the reference: move the policy
+    # away from it, so that the rewards and their margin are not zero.
+    with torch.no_grad():
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_B.default" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
     trainer.model.train()
     return trainer
 
@@ -125,6 +140,7 @@ def test_a_packed_batch_trains_like_the_padded_one(
 
     expected_loss, expected = loss_and_gradients(trainer, padded)
     expected_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert expected_metrics["rewards/margins"] != 0  # the policy is not its reference
     with packed_forward(trainer.model, trainer.ref_model):
         loss, gradients = loss_and_gradients(trainer, packed)
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
@@ -165,3 +181,49 @@ def test_reference_log_probs_of_a_packed_batch_match(tmp_path: Path, tiny_model_
     torch.testing.assert_close(chosen, expected[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rejected, expected[1], rtol=1e-5, atol=1e-5)
     assert chosen.shape == (4,)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
+def test_on_a_gpu_the_varlen_kernel_trains_a_packed_batch_like_padded_sdpa(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 on the GPU: the packed row through torch's varlen kernel (not the per-document
+    loop) against the padded batch through SDPA. Prints the measured differences."""
+    from kubetune.trainer.fastpath import attention
+
+    def no_reference(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the per-document loop ran instead of the varlen kernel")
+
+    attention.register_attention()
+    padded_trainer = trainer_for(tiny_model_dir, tmp_path / "sdpa", "sigmoid", "sdpa", cuda=True)
+    packed_trainer = trainer_for(
+        tiny_model_dir, tmp_path / "varlen", "sigmoid", attention.ATTENTION_NAME, cuda=True
+    )
+    examples = [padded_trainer.train_dataset[i] for i in range(4)]
+    padded = padded_trainer._prepare_inputs(padded_trainer.data_collator(examples))
+    packed = packed_collator(packed_trainer.data_collator)(examples)
+    packed = packed_trainer._prepare_inputs(packed)
+    assert packed["input_ids"].is_cuda
+
+    expected_loss, expected = loss_and_gradients(padded_trainer, padded)
+    monkeypatch.setattr(attention, "per_document_attention", no_reference)
+    with packed_forward(packed_trainer.model, packed_trainer.ref_model):
+        loss, gradients = loss_and_gradients(packed_trainer, packed)
+
+    assert gradients.keys() == expected.keys()
+    relative = {
+        name: ((gradients[name].float() - g.float()).norm() / g.float().norm()).item()
+        for name, g in expected.items()
+        if g.abs().max() > 0
+    }
+    worst = max(relative, key=relative.__getitem__)
+    print(
+        f"\npacked (varlen kernel) against padded (SDPA), bf16: loss {loss:.7f} / "
+        f"{expected_loss:.7f}, largest relative gradient difference {relative[worst]:.3g} "
+        f"({worst})"
+    )
+    assert relative
+    assert abs(expected_loss - math.log(2)) > 3e-4  # the policy is not its reference
+    assert loss == pytest.approx(expected_loss, abs=1e-4)
+    assert relative[worst] < 0.1, worst
