@@ -10,6 +10,7 @@ import pytest
 
 from kubetune.api.contract import Reason, TrainerResult, exit_code_for
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
+from kubetune.api.v1alpha1.training import DistributedStrategy
 from kubetune.storage.local import LocalStore
 from kubetune.trainer import distributed
 from kubetune.trainer.launch import exit_code_from, result_file, split_arguments
@@ -210,3 +211,47 @@ def test_launcher_exits_with_the_trainer_code(
     if result is not None:
         path.write_text(TrainerResult(reason=result, message="m").to_termination_message())
     assert exit_code_from(path, failed) == code
+
+
+def test_evaluation_runs_under_deepspeeds_autocast(tmp_path: Path) -> None:
+    """The Trainer evaluates the bare module, outside DeepSpeed's engine and its autocast:
+    under `torch_autocast` the trainer gives the evaluation the same autocast."""
+    import torch
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
+    model = LlamaForCausalLM(config)
+    seen: list[bool] = []
+    model.model.layers[0].mlp.register_forward_pre_hook(
+        lambda *_: seen.append(torch.is_autocast_enabled("cpu"))
+    )
+    rows = Dataset.from_list([{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]}] * 2)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+
+    plain = Trainer(model=model, args=args, eval_dataset=rows)
+    assert not distributed.evaluate_under_autocast(plain)
+    seen.clear()
+    plain.evaluate()
+    assert seen
+    assert not any(seen)  # fp32 without autocast, as the bare module runs
+
+    args.deepspeed = distributed.deepspeed_config(
+        DistributedStrategy.DEEPSPEED_ZERO3, False, torch_autocast=True
+    )
+    trainer = Trainer(model=model, args=args, eval_dataset=rows)
+    assert distributed.evaluate_under_autocast(trainer)
+    seen.clear()
+    trainer.evaluate()
+    assert seen
+    assert all(seen)
+    model.train()  # training steps get their autocast from DeepSpeed's engine
+    with trainer.compute_loss_context_manager():
+        assert not torch.is_autocast_enabled("cpu")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -259,6 +259,30 @@ def deepspeed_config(
     if torch_autocast:
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return config
+
+
+def evaluate_under_autocast(trainer: Any) -> bool:
+    """Under DeepSpeed's `torch_autocast` (full fine-tuning) the engine trains under bf16
+    autocast, but the Trainer evaluates the bare module, outside the engine: without this
+    its evaluation would run in fp32, slower and unlike the training steps and a one-GPU
+    run. Gives the Trainer's loss context the same autocast while the model is in eval
+    mode (training steps get theirs from the engine); whether it did."""
+    config = getattr(trainer.args, "deepspeed", None)
+    autocast = config.get("torch_autocast", {}) if isinstance(config, dict) else {}
+    if not autocast.get("enabled"):
+        return False
+    import torch
+
+    device = trainer.args.device.type
+    dtype = getattr(torch, str(autocast.get("dtype", "bfloat16")))
+
+    def autocast_context(cache_enabled: bool | None = True) -> Any:
+        if trainer.model.training:
+            return nullcontext()
+        return torch.autocast(device, dtype=dtype, cache_enabled=cache_enabled)
+
+    trainer.autocast_smart_context_manager = autocast_context
+    return True
 
 
 def forget_deepspeed() -> None:

@@ -378,6 +378,7 @@ def run_trainer(
 
     progress = StageProgress(stage, 0, work_dir / "logs" / "train.jsonl", metrics)
     stop = {"requested": False}
+    distributed.evaluate_under_autocast(trainer)
     # Replace the default progress display (a tqdm bar, or raw log dicts on stdout when
     # tqdm is disabled) by ours: the rich bar on a terminal and the log lines.
     trainer.remove_callback(ProgressCallback)
