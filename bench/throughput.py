@@ -21,6 +21,7 @@ Parts (each fits one GPU command of under 8 minutes):
     python bench/throughput.py --part qlora-8b --baseline DIR/hf_baseline.py --out OUT
     python bench/throughput.py --part dpo-8b --out OUT   # baseline: dpo_baseline.py (TRL)
     python bench/throughput.py --part calc-1b --steps 8 --warmup 2 --out OUT  # the calculator
+    python bench/throughput.py --part calc-8b --steps 8 --warmup 2 --out OUT  # (needs bitsandbytes)
 
 `--ours-only` skips the baseline; `--variants` adds runs of ours with one fast path off.
 `--model`, `--steps` and `--rows` shrink a part for a quick check (e.g. on a CPU with
