@@ -176,3 +176,25 @@ def test_the_trainer_checkpoints_every_nth_layer_as_planned(
     trainer.train()
     flags = [layer.gradient_checkpointing for layer in model.model.layers]
     assert flags == [True, False, True, False]
+
+
+def test_liger_warnings_about_other_hardware_stay_out_of_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Liger warns, in every process, that its Ascend and CuTe DSL backends cannot be
+    imported; a CUDA backend that fails to import must still be heard."""
+    import logging
+
+    kernels.quiet_foreign_liger_backends()
+    kernels.quiet_foreign_liger_backends()  # idempotent: one filter
+    registry = logging.getLogger("liger_kernel.backends.registry")
+    assert len(registry.filters) == 1
+    caplog.set_level(logging.WARNING, logger="liger_kernel.backends.registry")
+    template = (
+        "Backend impl 'liger_kernel.ops.backends.%s.rope' for op 'rope' could not be imported"
+    )
+    registry.warning(template, "_ascend")
+    registry.warning(template, "_cutedsl")
+    registry.warning(template, "_cuda")
+    registry.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == [template % "_cuda", "something else"]

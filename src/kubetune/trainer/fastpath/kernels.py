@@ -81,8 +81,34 @@ def _fused_kernels_missing(cuda: bool, model_type: str | None) -> str | None:
     return None
 
 
+FOREIGN_LIGER_BACKENDS = ("._ascend.", "._cutedsl.")
+"""Liger's backends for other hardware (Ascend NPUs) and for the optional CuTe DSL: on the
+trainer image they cannot be imported, and Liger warns about each, in every process."""
+
+
+class _ForeignBackendNoise(logging.Filter):
+    """Drops Liger's warnings that a backend for other hardware could not be imported;
+    every other record, a failing CUDA backend included, passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            "could not be imported" in message
+            and any(name in message for name in FOREIGN_LIGER_BACKENDS)
+        )
+
+
+def quiet_foreign_liger_backends() -> None:
+    """Keep Liger's warnings about other hardware's backends out of the job's log (call
+    before importing liger_kernel; idempotent)."""
+    registry = logging.getLogger("liger_kernel.backends.registry")
+    if not any(isinstance(f, _ForeignBackendNoise) for f in registry.filters):
+        registry.addFilter(_ForeignBackendNoise())
+
+
 def liger_model_types() -> frozenset[str]:
     """The model types liger-kernel patches (empty when it is not installed)."""
+    quiet_foreign_liger_backends()
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:
@@ -92,6 +118,7 @@ def liger_model_types() -> frozenset[str]:
 
 def apply_fused_kernels(model: Any) -> None:
     """Patch a loaded transformers model (before PEFT wraps it) with Liger's kernels."""
+    quiet_foreign_liger_backends()
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     _apply_liger_kernel_to_instance(model=model, **LIGER_KERNEL_CONFIG)
