@@ -144,6 +144,7 @@ PARTS: dict[str, dict[str, Any]] = {
             "batch-1": {"batchSize": 1},
             "batch-4": {"batchSize": 4},
             "no-fused-kernels": {"fastPaths": {"fusedKernels": "Disabled"}},
+            "no-lean-adapters": {"fastPaths": {"leanAdapters": "Disabled"}},
         },
     },
 }
@@ -521,6 +522,12 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--max-seq-length", type=int, help="one packed row of this length")
     parser.add_argument("--deadline", type=float, default=460, help="seconds for the part")
+    parser.add_argument(
+        "--baseline-share",
+        type=float,
+        default=0.45,
+        help="fraction of --deadline the baseline may use (two 8B baselines need about 0.6)",
+    )
     parser.add_argument("--tokenizer", help="tokenizer folder for the length statistics")
     args = parser.parse_args()
     started = time.monotonic()
@@ -553,7 +560,7 @@ def main() -> int:
         pass  # the calculator against measured peaks: no baseline
     elif not args.ours_only and part.get("pairs"):
         report["baseline"] = run_dpo_baseline(
-            part, data, out, work, args.steps, args.warmup, 0.45 * args.deadline
+            part, data, out, work, args.steps, args.warmup, args.baseline_share * args.deadline
         )
         save()
     elif not args.ours_only:
@@ -562,7 +569,7 @@ def main() -> int:
         if args.baseline_configs:
             part["baseline"] = args.baseline_configs.split(",")
         report["baseline"] = run_baseline(
-            args.baseline, part["baseline"], out, work, 0.45 * args.deadline
+            args.baseline, part["baseline"], out, work, args.baseline_share * args.deadline
         )
         save()
     if "grid" in part:  # --variants picks configurations of the grid

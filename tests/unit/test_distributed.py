@@ -86,6 +86,23 @@ def test_one_process_is_never_refused() -> None:
     distributed.check(spec, distributed.Topology(), cuda=False)
 
 
+@pytest.mark.parametrize(
+    ("strategy", "shards"),
+    [
+        (None, False),
+        ("DDP", False),
+        ("FSDP", True),
+        ("DeepSpeedZeRO2", True),
+        ("DeepSpeedZeRO3", True),
+    ],
+)
+def test_strategies_that_manage_the_parameters_keep_peft_layers_unfused(
+    strategy: str | None, shards: bool
+) -> None:
+    extra = {"distributed": {"strategy": strategy}} if strategy else {}
+    assert distributed.shards_parameters(make_spec(**extra)) is shards
+
+
 def test_deepspeed_needs_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(distributed, "_installed", lambda module: False)
     with pytest.raises(TrainingSetupError, match="needs the deepspeed package"):

@@ -136,6 +136,12 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def shards_parameters(spec: FineTuneJobSpec) -> bool:
+    """Whether the job's strategy (FSDP, DeepSpeed ZeRO) manages the parameters or their
+    gradients itself."""
+    return _strategy(spec.distributed) in SHARDED
+
+
 def _strategy(spec: DistributedSpec | None) -> DistributedStrategy:
     return spec.strategy if spec is not None else DistributedStrategy.NONE
 

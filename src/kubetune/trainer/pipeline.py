@@ -215,8 +215,10 @@ def _run_pipeline(
     checkpointing = models.gradient_checkpointing(spec, cuda, planned)
     log(f"Gradient checkpointing: {checkpointing.describe()}")
     model = models.prepare_model(spec, model, str(resolved.path), checkpointing=checkpointing)
-    if lean.enabled and kernels.apply_lean_adapters(model):
-        log(f"Lean adapters: LoRA layers skip the fp32 input cast ({lean.reason})")
+    fuse_update = not distributed.shards_parameters(spec)
+    if lean.enabled and kernels.apply_lean_adapters(model, fuse_update=fuse_update):
+        update = " and add their update inside the low-rank GEMM" if fuse_update else ""
+        log(f"Lean adapters: LoRA layers skip the fp32 input cast{update} ({lean.reason})")
     trainable, total = models.trainable_parameters(model)
     log(f"Training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f} %)")
     _continue_log(store, layout, work_dir)

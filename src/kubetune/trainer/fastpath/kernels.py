@@ -7,7 +7,9 @@
 - Lean adapters: PEFT casts every LoRA layer's input to the adapters' fp32, and the bf16
   autocast casts it straight back before the matmul: two full copies of the activations
   per adapted module, forward and backward, for the same numbers. Under autocast the cast
-  is skipped (PEFT's own `cast_input_dtype_enabled` switch).
+  is skipped (PEFT's own `cast_input_dtype_enabled` switch), and the adapter's update is
+  added inside its low-rank GEMM instead of by separate full-size scale and add kernels
+  (`lora_update.py`).
 - torch.compile: not supported yet (packed rows change shape every step); Enabled is refused.
 
 The choices are pure functions of the spec and the machine; `apply_*` change the model.
@@ -140,13 +142,20 @@ def lean_adapters_choice(fast_paths: FastPaths | None, autocast: bool) -> Kernel
     return KernelChoice(True, "under autocast the fp32 input cast is a round trip")
 
 
-def apply_lean_adapters(model: Any) -> int:
-    """Turn off PEFT's input cast on every LoRA layer; returns how many layers changed."""
+def apply_lean_adapters(model: Any, *, fuse_update: bool = True) -> int:
+    """Turn off PEFT's input cast on every LoRA layer and, with `fuse_update`, fuse the
+    update of the plain linear ones (`lora_update.apply_fused_update`; the trainer leaves it
+    off under FSDP and DeepSpeed, which manage the parameters themselves); returns how many
+    layers changed."""
+    from kubetune.trainer.fastpath.lora_update import apply_fused_update
+
     count = 0
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled") and hasattr(module, "lora_A"):
             module.cast_input_dtype_enabled = False
             count += 1
+    if fuse_update:
+        apply_fused_update(model)
     return count
 
 
