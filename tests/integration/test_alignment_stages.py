@@ -96,6 +96,39 @@ def test_sft_then_dpo_raises_the_preference_margin(tmp_path: Path, tiny_model_di
     assert any("Stage 1-dpo: DPO" in line for line in logs)
     # The default packing: each batch's chosen and rejected answers in one row.
     assert any(line.startswith("DPO batches: packed") for line in logs), logs
+    assert_preflight_bounds_what_trl_tokenizes(cfg, store, layout, tiny_model_dir, tmp_path)
+
+
+def assert_preflight_bounds_what_trl_tokenizes(
+    cfg: TrainerConfig, store: Any, layout: RunLayout, model_dir: Path, tmp_path: Path
+) -> None:
+    """The memory preflight sizes the DPO stage by the token counts of its prepared data;
+    every sequence TRL builds from those rows fits the count it relies on."""
+    from transformers import AutoTokenizer
+
+    from kubetune.calc.preflight import SEQUENCE_MARGIN
+    from kubetune.trainer import pipeline
+    from kubetune.trainer.dpo import preference_rows
+    from kubetune.trainer.stages import StageData
+
+    train = tmp_path / "dpo-train.jsonl"
+    train.write_bytes(store.get_bytes(layout.key("data/1-dpo/train.jsonl")))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lengths = []
+    counts = [json.loads(line) for line in train.read_text().splitlines()]
+    for row, counted in zip(preference_rows(train), counts, strict=True):
+        for side in ("chosen", "rejected"):
+            # TRL's DPO tokenization: the chat template over prompt + answer
+            ids = tokenizer.apply_chat_template(row["prompt"] + row[side], return_dict=False)
+            assert len(ids) <= counted[f"{side}Tokens"] + SEQUENCE_MARGIN
+            lengths.append(min(len(ids), 128))
+    data = [StageData(train, train, "preference")] * 2
+    bounds = pipeline._data_tokens(cfg.spec, data, "sdpa")
+    assert list(bounds) == [1]  # the DPO stage only
+    pairs = [a + b for a, b in zip(lengths[::2], lengths[1::2], strict=True)]
+    assert sum(sorted(pairs)[-4:]) <= bounds[1] < 4 * 2 * 128
+    padded = pipeline._data_tokens(cfg.spec, data, "eager")[1]
+    assert 4 * 2 * max(lengths) <= padded <= 4 * 2 * 128
 
 
 def test_dpo_stage_refuses_conversation_data(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 from kubetune.api.contract import Reason
 from kubetune.api.v1alpha1 import FineTuneJobSpec
 from kubetune.api.v1alpha1.training import Optimizer
-from kubetune.calc import KNOWN_ARCHITECTURES, choose_gpus, preflight
+from kubetune.calc import KNOWN_ARCHITECTURES, choose_gpus, preference_batch_tokens, preflight
 from kubetune.calc.preflight import INSUFFICIENT_GPU_MEMORY
 
 L8, L70 = KNOWN_ARCHITECTURES["llama-3.1-8b"], KNOWN_ARCHITECTURES["llama-3.1-70b"]
@@ -184,3 +184,43 @@ def test_the_trainers_fast_paths_lower_the_estimate_and_can_be_turned_off() -> N
     assert fast.estimate.allocated_gib == pytest.approx(70.55, rel=0.02)
     without_liger = preflight(spec(), L8, 139.8, 1, fused_kernels=False)
     assert without_liger.estimate.allocated_gib == pytest.approx(81.70, rel=0.02)
+
+
+def test_preference_batches_are_bounded_by_the_longest_pairs_of_the_data() -> None:
+    pairs = [(100, 300), (2000, 50), (700, 700), (10, 20)]
+    # packed: the two longest pairs end to end, each sequence with its margin, at most 1024
+    assert preference_batch_tokens(pairs, 2, 1024, packed=True) == (702 + 702) + (1024 + 52)
+    assert preference_batch_tokens(pairs, 2, 4096, packed=True) == (2002 + 52) + (702 + 702)
+    # padded: every sequence of the batch at the data's longest
+    assert preference_batch_tokens(pairs, 2, 1024, packed=False) == 2 * 2 * 1024
+    assert preference_batch_tokens(pairs, 3, 4096, packed=False) == 3 * 2 * 2002
+    assert preference_batch_tokens(pairs, 8, 4096, packed=True) == sum(
+        min(c + 2, 4096) + min(r + 2, 4096) for c, r in pairs
+    )
+    assert preference_batch_tokens([], 2, 1024, packed=True) is None
+
+
+def test_dpo_sized_by_its_data_checkpoints_far_fewer_layers_on_an_80_gib_gpu() -> None:
+    job = spec(stages=[{"type": "DPO"}], training={"batchSize": 4})
+    planned = preflight(job, L8, 80.0, 1)
+    assert planned.setup.checkpointed_layers(L8.num_layers) == L8.num_layers  # 4 x 2 x 2048
+    # the 600 pairs of bench/throughput.py's dpo-8b part: its four longest hold 7,087 tokens
+    sized = preflight(job, L8, 80.0, 1, data_tokens={0: 7087})
+    assert sized.fits is True
+    assert sized.setup.data_tokens == 7087
+    assert sized.setup.checkpointed_layers(L8.num_layers) <= 2
+    unsized = preflight(job, L8, 140.0, 1).estimate
+    assert sized.estimate.allocated_gib < 0.55 * unsized.allocated_gib
+    # batches that change shape every step get the wider margin
+    assert sized.estimate.fragmentation_gib == pytest.approx(0.25 * sized.estimate.allocated_gib)
+    assert sized.needed_gib <= 80.0
+    # a bound above the planned tokens changes no tokens
+    above = preflight(job, L8, 140.0, 1, data_tokens={0: 10**6})
+    assert above.setup.tokens == planned.setup.tokens == 4 * 2 * 2048
+
+
+def test_data_tokens_size_only_the_stage_they_name() -> None:
+    job = spec(stages=[{"type": "SFT"}, {"type": "DPO"}])
+    result = preflight(job, L8, 140.0, 1, data_tokens={1: 1000})
+    assert result.stage == "SFT"  # the DPO stage, sized by its data, needs less
+    assert result.setup.data_tokens is None

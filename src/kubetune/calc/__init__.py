@@ -22,7 +22,7 @@ from kubetune.calc.compute import (
 from kubetune.calc.config import ArchitectureError, architecture_from_config, load_architecture
 from kubetune.calc.lora import AdapterSettings, TrainableParams, trainable_params
 from kubetune.calc.memory import MemoryEstimate, TrainingSetup, estimate_memory
-from kubetune.calc.preflight import Preflight, choose_gpus, preflight
+from kubetune.calc.preflight import Preflight, choose_gpus, preference_batch_tokens, preflight
 
 __all__ = [
     "ARCHITECTURES",
@@ -48,6 +48,7 @@ __all__ = [
     "gpu_class",
     "load_architecture",
     "parameter_count",
+    "preference_batch_tokens",
     "preflight",
     "trainable_params",
 ]

@@ -57,6 +57,10 @@ NCCL_GIB = 0.5
 """NCCL communicators and buffers when several GPUs train together."""
 FRAGMENTATION = 0.10
 """Caching-allocator margin over the peak allocation (measured 1–6 %, 20 % with full logits)."""
+VARIABLE_SHAPE_FRAGMENTATION = 0.25
+"""The margin for a setup sized by its data (`data_tokens`): its batches change shape every
+step, which fragments the caching allocator more, and the plan no longer carries the slack
+of full-length sequences. Conservative, not measured under memory pressure."""
 LOSS_TOKEN_TILE = 4096
 LOSS_VOCAB_TILE = 32768
 SHARDED = (DistributedStrategy.FSDP, DistributedStrategy.DEEPSPEED_ZERO3)
@@ -103,6 +107,9 @@ class TrainingSetup:
         lean_adapters: LoRA layers without PEFT's fp32 input cast.
         gradient_accumulation: micro-batches per optimizer step (above 1 the gradients are
             held through the forward and backward passes of the later micro-batches).
+        data_tokens: the most tokens one micro-batch of the prepared data holds, when the
+            data is known (`preference_batch_tokens`); None plans every sequence at
+            seq_len.
     """
 
     method: Method = Method.LORA
@@ -125,12 +132,15 @@ class TrainingSetup:
     fused_kernels: bool = False
     lean_adapters: bool = False
     gradient_accumulation: int = 1
+    data_tokens: int | None = None
 
     @property
     def tokens(self) -> int:
-        """Tokens in one micro-batch (prompt tuning prepends its virtual tokens)."""
+        """Tokens in one micro-batch (prompt tuning prepends its virtual tokens); at most
+        `data_tokens` when the data is known."""
         virtual = self.adapter.num_virtual_tokens if self.method == Method.PROMPT_TUNING else 0
-        return self.batch_size * self.sequences_per_example * (self.seq_len + virtual)
+        planned = self.batch_size * self.sequences_per_example * (self.seq_len + virtual)
+        return planned if self.data_tokens is None else min(planned, self.data_tokens)
 
     def checkpointed_layers(self, num_layers: int) -> int:
         """How many of `num_layers` decoder layers recompute their activations."""
@@ -296,7 +306,8 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
     persistent = weights + trainable + states + buckets + optimizer_grads
     allocated = persistent + peak
     context = CUDA_CONTEXT_GIB + (NCCL_GIB if setup.gpus > 1 else 0.0)
-    fragmentation = FRAGMENTATION * allocated / GIB
+    margin = FRAGMENTATION if setup.data_tokens is None else VARIABLE_SHAPE_FRAGMENTATION
+    fragmentation = margin * allocated / GIB
     overlap = allocated - (persistent + grads + activations + loss)
     return MemoryEstimate(
         weights_gib=weights / GIB,

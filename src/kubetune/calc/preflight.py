@@ -17,10 +17,16 @@ How `Auto` settings are read:
   RewardModel) run chosen and rejected sequences together; DPO and KTO with method Full keep a
   frozen reference copy, RLHF a reward model (and, with Full, a reference) copy. The worst
   stage decides.
+- Without data every sequence is planned at `maxSeqLength`. The trainer knows its prepared
+  data before it loads the model and passes, for DPO stages, the most tokens one of their
+  micro-batches can hold (`preference_batch_tokens`): preference pairs are usually far
+  shorter than `maxSeqLength`, and planning them at it checkpoints layers that need not be.
 """
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -106,16 +112,52 @@ def adapter_settings(spec: FineTuneJobSpec) -> AdapterSettings:
     )
 
 
+SEQUENCE_MARGIN = 2
+"""Tokens the preference trainer may add to a counted sequence (an end-of-sequence token)."""
+
+
+def preference_batch_tokens(
+    pairs: Iterable[tuple[int, int]], batch_size: int, max_length: int, *, packed: bool
+) -> int | None:
+    """The most tokens one micro-batch of `batch_size` preference pairs can hold.
+
+    Args:
+        pairs: (chosen, rejected) token counts of every pair (prompt included, as the data
+            stage counted them).
+        batch_size: pairs per micro-batch.
+        max_length: the trainer truncates each sequence to this many tokens.
+        packed: the batch's sequences sit end to end in one row (packed DPO batches: the
+            sum of the `batch_size` longest pairs); else they are padded to the longest
+            sequence of the batch (at most the data's longest).
+
+    Returns:
+        The bound, or None for no pairs.
+    """
+
+    def length(tokens: int) -> int:
+        return min(tokens + SEQUENCE_MARGIN, max_length)
+
+    totals = [(length(chosen), length(rejected)) for chosen, rejected in pairs]
+    if not totals:
+        return None
+    if packed:
+        return sum(heapq.nlargest(batch_size, (c + r for c, r in totals)))
+    return batch_size * 2 * max(max(pair) for pair in totals)
+
+
 def stage_setups(
     spec: FineTuneJobSpec,
     gpus: int,
     gradient_checkpointing: bool,
     checkpoint_every: int = 1,
     fused_kernels: bool | None = None,
+    data_tokens: Mapping[int, int] | None = None,
 ) -> list[tuple[str, TrainingSetup]]:
     """One TrainingSetup per stage of the spec, as the trainer will run it on `gpus` GPUs per
     pod (sharding spans every node: the setup's GPU count is gpus x distributed.nodes), with
-    gradient checkpointing on every `checkpoint_every`-th layer when it is on.
+    gradient checkpointing on every `checkpoint_every`-th layer when it is on. `data_tokens`
+    maps a stage's index to the most tokens one of its micro-batches holds in the prepared
+    data (stages without an entry are planned at maxSeqLength).
 
     `fused_kernels` says whether the trainer applies Liger's kernels; None reads
     `fastPaths.fusedKernels` as the trainer image runs it (Auto: on; the image ships them).
@@ -150,7 +192,8 @@ def stage_setups(
         gradient_accumulation=training.gradient_accumulation_steps,
     )
     setups = []
-    for stage in spec.stages:
+    known = data_tokens or {}
+    for index, stage in enumerate(spec.stages):
         batch = stage.training.batch_size if stage.training and stage.training.batch_size else None
         accumulation = stage.training.gradient_accumulation_steps if stage.training else None
         copies = 0
@@ -167,6 +210,7 @@ def stage_setups(
                     gradient_accumulation=accumulation or base.gradient_accumulation,
                     sequences_per_example=2 if stage.type in PREFERENCE_STAGES else 1,
                     frozen_model_copies=copies,
+                    data_tokens=known.get(index),
                 ),
             )
         )
@@ -186,15 +230,16 @@ def _evaluate(
     gpu_memory_gib: float | None,
     gpus: int,
     fused: bool | None,
+    data_tokens: Mapping[int, int] | None,
 ) -> tuple[str, TrainingSetup, MemoryEstimate]:
     toggle = (spec.training or TrainingSpec()).gradient_checkpointing
     if toggle != Toggle.AUTO:
         enabled = toggle == Toggle.ENABLED
-        return _worst(arch, stage_setups(spec, gpus, enabled, fused_kernels=fused))
+        return _worst(arch, stage_setups(spec, gpus, enabled, 1, fused, data_tokens))
     if gpu_memory_gib is None or not partial_checkpointing_allowed(spec):
-        return _worst(arch, stage_setups(spec, gpus, True, fused_kernels=fused))
+        return _worst(arch, stage_setups(spec, gpus, True, 1, fused, data_tokens))
     for every in checkpointing_options(arch.num_layers):  # ends with every layer (1)
-        setups = stage_setups(spec, gpus, every > 0, max(every, 1), fused_kernels=fused)
+        setups = stage_setups(spec, gpus, every > 0, max(every, 1), fused, data_tokens)
         worst = _worst(arch, setups)
         if worst[2].total_gib <= gpu_memory_gib:
             break
@@ -214,6 +259,7 @@ def preflight(
     gpus: int,
     *,
     fused_kernels: bool | None = None,
+    data_tokens: Mapping[int, int] | None = None,
 ) -> Preflight:
     """Check a job against the GPUs it will get.
 
@@ -224,8 +270,11 @@ def preflight(
         gpus: GPUs per pod (0 means a CPU run: nothing to check).
         fused_kernels: whether the trainer applies Liger's kernels (None: as the trainer
             image would, from `fastPaths.fusedKernels`).
+        data_tokens: stage index -> the most tokens one of its micro-batches holds in the
+            prepared data (`preference_batch_tokens`); stages without one are planned at
+            maxSeqLength.
     """
-    stage, setup, estimate = _evaluate(spec, arch, gpu_memory_gib, gpus, fused_kernels)
+    stage, setup, estimate = _evaluate(spec, arch, gpu_memory_gib, gpus, fused_kernels, data_tokens)
     needed = estimate.total_gib
     if gpu_memory_gib is None or gpus < 1:
         return Preflight(None, needed, gpu_memory_gib, gpus, stage, setup, estimate)

@@ -68,6 +68,20 @@ def preference_rows(path: Path) -> Iterator[dict[str, Any]]:
             yield {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
 
 
+def pair_token_counts(path: Path) -> list[tuple[int, int]] | None:
+    """(chosen, rejected) token counts of every pair of a prepared preference file, as the
+    data stage counted them (prompt included); None when a row lacks them."""
+    counts = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            chosen, rejected = row.get("chosenTokens"), row.get("rejectedTokens")
+            if not isinstance(chosen, int) or not isinstance(rejected, int):
+                return None
+            counts.append((chosen, rejected))
+    return counts
+
+
 def dpo_config(
     spec: FineTuneJobSpec,
     training: TrainingSpec,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetune.api.contract import Reason, TrainerConfig, TrainerResult
+from kubetune.api.v1alpha1.alignment import StageType
 from kubetune.api.v1alpha1.evaluation import EvaluationSpec, ExportSpec
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.api.v1alpha1.training import TrainingSpec
@@ -24,6 +25,7 @@ from kubetune.storage import ObjectInfo, RunLayout, Store, open_store, spec_hash
 from kubetune.storage.manifest import read_manifest, write_manifest
 from kubetune.trainer import (
     distributed,
+    dpo,
     eval_stage,
     evaluate,
     export,
@@ -189,14 +191,15 @@ def _run_pipeline(
     fused = kernels.fused_kernels_choice(
         training.fast_paths, cuda, resolved.config.get("model_type")
     )
-    planned = _preflight(spec, resolved, cuda, fused.enabled, log)
+    attention = fastpath.choose_attention(
+        training.fast_paths, cuda, packing_enabled(spec), model_config=resolved.config
+    )
+    data_tokens = _data_tokens(spec, stage_data, attention.name)
+    planned = _preflight(spec, resolved, cuda, fused.enabled, data_tokens, log)
     precisions = models.choose_precision(
         training, spec.method, cuda, cuda and torch.cuda.is_bf16_supported()
     )
     torch.manual_seed(training.seed)
-    attention = fastpath.choose_attention(
-        training.fast_paths, cuda, packing_enabled(spec), model_config=resolved.config
-    )
     log(f"Attention: {attention.name} ({attention.reason})")
     lean = kernels.lean_adapters_choice(training.fast_paths, precisions.bf16 or precisions.fp16)
     model = models.load_base_model(
@@ -455,11 +458,43 @@ def _check_export(spec: FineTuneJobSpec, resolved: ResolvedModel) -> None:
         check_quantize_spec(exported, resolved.path)
 
 
+def _data_tokens(
+    spec: FineTuneJobSpec, stage_data: list[StageData], attention: str
+) -> dict[int, int]:
+    """For each DPO stage, the most tokens one of its micro-batches holds in the prepared
+    data (the data stage counted every sequence); packed when DPO batches will be packed
+    (`dpo.packed_batches`), else padded to the batch's longest sequence."""
+    from kubetune.calc import preference_batch_tokens
+    from kubetune.trainer.fastpath import ATTENTION_NAME
+
+    packed = packing_enabled(spec) and attention in (ATTENTION_NAME, "sdpa")
+    out = {}
+    for index, (stage, data) in enumerate(zip(spec.stages, stage_data, strict=True)):
+        if stage.type != StageType.DPO:
+            continue
+        training = stages.stage_training(spec, stage)
+        pairs = dpo.pair_token_counts(data.train)
+        if pairs is None:
+            continue
+        bound = preference_batch_tokens(
+            pairs, training.batch_size, training.max_seq_length, packed=packed
+        )
+        if bound is not None:
+            out[index] = bound
+    return out
+
+
 def _preflight(
-    spec: FineTuneJobSpec, resolved: ResolvedModel, cuda: bool, fused_kernels: bool, log: Log
+    spec: FineTuneJobSpec,
+    resolved: ResolvedModel,
+    cuda: bool,
+    fused_kernels: bool,
+    data_tokens: dict[int, int],
+    log: Log,
 ) -> TrainingSetup | None:
     """Refuse a job whose estimate exceeds the GPU before any weights are loaded; returns
-    the calculator's plan (gradient checkpointing for Auto), None without one."""
+    the calculator's plan (gradient checkpointing for Auto), None without one.
+    `data_tokens` (`_data_tokens`) sizes the DPO stages by their data."""
     import torch
 
     from kubetune.calc import ArchitectureError, load_architecture, preflight
@@ -473,9 +508,19 @@ def _preflight(
         return None
     memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     verdict = preflight(
-        spec, arch, memory_gib, torch.cuda.device_count(), fused_kernels=fused_kernels
+        spec,
+        arch,
+        memory_gib,
+        torch.cuda.device_count(),
+        fused_kernels=fused_kernels,
+        data_tokens=data_tokens,
     )
-    log(f"Memory estimate: {verdict.needed_gib:.1f} GiB per GPU of {memory_gib:.1f} GiB")
+    sized = verdict.setup.data_tokens
+    by_data = f" ({verdict.stage}: micro-batches of at most {sized:,} tokens in its data)"
+    log(
+        f"Memory estimate: {verdict.needed_gib:.1f} GiB per GPU of {memory_gib:.1f} GiB"
+        + (by_data if sized is not None else "")
+    )
     if verdict.fits is False:
         raise PipelineError(Reason.INSUFFICIENT_GPU_MEMORY, verdict.advice)
     return verdict.setup
