@@ -522,7 +522,7 @@ def test_api_key_is_never_in_error_messages(monkeypatch: pytest.MonkeyPatch, sta
 
 def test_requests_in_flight_never_exceed_max_concurrency() -> None:
     recorder = Recorder()
-    with OpenAIServer(lambda body: Scripted(content="Score: 7", delay=0.15)) as server:
+    with OpenAIServer(lambda body: Scripted(content="Score: 7", delay=0.4)) as server:
         spec = make_spec(server.url, mode=JudgeMode.BOTH, max_concurrency=3)
         result = run_judge(spec, 3, recorder)
     assert len(server.requests) == 12
