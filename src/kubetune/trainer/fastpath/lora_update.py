@@ -70,13 +70,14 @@ def _plain_adapter(layer: Any) -> str | None:
     return name
 
 
-def fused_forward(layer: Any, fallback: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+def fused_forward(
+    layer: Any, fallback: Any, quantized_base: bool, x: torch.Tensor, *args: Any, **kwargs: Any
+) -> Any:
     """A LoRA layer's forward with the update as one GEMM; `fallback` is PEFT's forward,
-    used for every case this does not cover."""
+    used for every case this does not cover; `quantized_base`: a bitsandbytes layer."""
     name = None if args or kwargs else _plain_adapter(layer)
     if name is None:
         return fallback(layer, x, *args, **kwargs)
-    quantized_base = _is_bnb(layer)
     if quantized_base and not torch.is_autocast_enabled():
         return fallback(layer, x)  # PEFT converts dtypes around the update here
     result = layer.base_layer(x)
@@ -90,19 +91,16 @@ def fused_forward(layer: Any, fallback: Any, x: torch.Tensor, *args: Any, **kwar
     return LoraUpdate.apply(result, h, lora_b.weight, scale)
 
 
-def _is_bnb(layer: Any) -> bool:
-    return any(c.__module__.startswith("peft.tuners.lora.bnb") for c in type(layer).__mro__)
-
-
 _FUSED_CLASSES: dict[type, type] = {}
 
 
 def _fused_class(cls: type) -> type:
     if cls not in _FUSED_CLASSES:
         original = cls.forward  # type: ignore[attr-defined]
+        quantized = cls.__module__.startswith("peft.tuners.lora.bnb")
 
         def forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            return fused_forward(self, original, x, *args, **kwargs)
+            return fused_forward(self, original, quantized, x, *args, **kwargs)
 
         _FUSED_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward})
     return _FUSED_CLASSES[cls]
