@@ -343,7 +343,7 @@ def cmd_calc(args: argparse.Namespace) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     print(json.dumps(to_json(result), indent=2) if args.json else render_text(result))
-    return 0
+    return 1 if result.fits is False else 0  # a script or CI step can gate on the verdict
 
 
 def _log_line(line: str) -> None:

@@ -466,6 +466,19 @@ def sequence_too_long(ws: Workspace) -> JobInput:
     return job_spec(ws, training={"maxSteps": 1, "maxSeqLength": 1024})
 
 
+def cpu_memory_insufficient(ws: Workspace) -> JobInput:
+    """4,096 rows of 512 tokens per step without checkpointing, on a CPU run capped at 2 GiB
+    (the cap makes the verdict the same on every machine)."""
+    training = {
+        "maxSteps": 1,
+        "maxSeqLength": 512,
+        "batchSize": 4096,
+        "gradientCheckpointing": "Disabled",
+    }
+    spec = job_spec(ws, training=training).spec
+    return JobInput(spec, env={"KUBETUNE_HOST_MEMORY_GIB": "2"})
+
+
 def model_unknown_builtin(ws: Workspace) -> JobInput:
     return job_spec(ws, model={"uri": "builtin://smollm3-3b"})
 
@@ -814,6 +827,9 @@ CASES: tuple[Case, ...] = (
     Case("sequence-longer-than-context", "maxSeqLength 1024, the model's context is 512",
          Reason.SEQUENCE_TOO_LONG, 17, "training.maxSeqLength (1024)",
          "lower training.maxSeqLength to 512", sequence_too_long, processes=(Surface.RESULT,)),
+    Case("cpu-memory-insufficient", "a CPU run whose step needs more memory than it may take",
+         Reason.INSUFFICIENT_MEMORY, 19, "2 GiB available (KUBETUNE_HOST_MEMORY_GIB)",
+         "lower training.batchSize to", cpu_memory_insufficient, keeps_progress=True),
     # Stages and evaluation.
     Case("dpo-on-sft-data", "a DPO stage on conversation data", INVALID, 11,
          "spec.dataset", "give the stage its own dataset", dpo_on_sft_data, keeps_progress=True),

@@ -125,7 +125,9 @@ PLAN = TrainingSetup(gradient_checkpointing=True, checkpoint_every=4)
 @pytest.mark.parametrize(
     ("fields", "cuda", "planned", "every"),
     [
-        ({}, False, PLAN, 0),
+        ({}, False, None, 0),  # a CPU without a memory estimate: off, for speed
+        ({}, False, PLAN, 4),  # a CPU whose memory needs it: as planned
+        ({}, False, replace(PLAN, gradient_checkpointing=False), 0),
         ({}, True, None, 1),
         ({}, True, PLAN, 4),
         ({}, True, replace(PLAN, checkpoint_every=1), 1),

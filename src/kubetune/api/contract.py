@@ -63,6 +63,7 @@ class Reason(str, Enum):
     PICKLE_REFUSED = "PickleRefused"
     SEQUENCE_TOO_LONG = "SequenceTooLong"
     INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
+    INSUFFICIENT_MEMORY = "InsufficientMemory"
     LOCAL_URI_IN_CLUSTER = "LocalURIInCluster"
     EVALUATION_GATE_FAILED = "EvaluationGateFailed"
     # Serving (ModelDeployment).
@@ -136,6 +137,12 @@ EXIT_CODES: tuple[ExitCode, ...] = (
         Reason.INSUFFICIENT_GPU_MEMORY,
         FailureClass.USER,
         "the preflight estimate exceeds the GPU memory",
+    ),
+    ExitCode(
+        19,
+        Reason.INSUFFICIENT_MEMORY,
+        FailureClass.USER,
+        "a CPU run's preflight estimate exceeds the memory the machine has available",
     ),
     ExitCode(
         30,

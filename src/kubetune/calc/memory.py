@@ -61,6 +61,15 @@ VARIABLE_SHAPE_FRAGMENTATION = 0.25
 """The margin for a setup sized by its data (`data_tokens`): its batches change shape every
 step, which fragments the caching allocator more, and the plan no longer carries the slack
 of full-length sequences. Conservative, not measured under memory pressure."""
+HOST_FRAGMENTATION = 0.10
+"""A CPU run's margin over the estimate (docs/calc.md#cpu-runs)."""
+HOST_ACTIVATION_FACTOR = 1.25
+"""On a CPU the activations cost more than autograd saves: glibc's allocator keeps freed
+blocks of the backward pass (measured 1.15-1.3x on SmolLM2, fp32)."""
+HOST_LOSS_BYTES = 40
+"""Bytes per token per vocabulary entry of TRL's chunked LM-head loss on a CPU: without
+Triton it runs torch ops over [4096, 32768] tiles, about ten fp32 temporaries of the full
+rows with their fragmentation (measured 42 on SmolLM2; the GPU path keeps one bf16 tile)."""
 LOSS_TOKEN_TILE = 4096
 LOSS_VOCAB_TILE = 32768
 SHARDED = (DistributedStrategy.FSDP, DistributedStrategy.DEEPSPEED_ZERO3)
@@ -110,6 +119,9 @@ class TrainingSetup:
         data_tokens: the most tokens one micro-batch of the prepared data holds, when the
             data is known (`preference_batch_tokens`); None plans every sequence at
             seq_len.
+        host: a CPU run, in host memory: Auto precision is FP32 (the trainer's choice on
+            CPUs), no CUDA context, and the estimate is what the step adds to the process
+            (`HOST_FRAGMENTATION` instead of the caching allocator's margin).
     """
 
     method: Method = Method.LORA
@@ -133,6 +145,7 @@ class TrainingSetup:
     lean_adapters: bool = False
     gradient_accumulation: int = 1
     data_tokens: int | None = None
+    host: bool = False
 
     @property
     def tokens(self) -> int:
@@ -195,7 +208,9 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
     """Estimate the peak GPU memory of one training step of `setup` on `arch`, per GPU."""
     method, notes = setup.method, []
     params = trainable_params(arch, method, setup.adapter)
-    precision = Precision.BF16 if setup.precision == Precision.AUTO else setup.precision
+    precision = setup.precision
+    if precision == Precision.AUTO:
+        precision = Precision.FP32 if setup.host else Precision.BF16
     fp32 = precision == Precision.FP32
     full = method == Method.FULL
     master = full and setup.fp32_master and not fp32
@@ -270,7 +285,7 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
         fused_kernels=setup.fused_kernels and arch.model_type in FUSED_KERNEL_TYPES,
         lean_adapters=setup.lean_adapters,
     )
-    scale = tokens * (2 if fp32 else 1)
+    scale = tokens * (2 if fp32 else 1) * (HOST_ACTIVATION_FACTOR if setup.host else 1)
     saved = float((layer.saved + layer.attention_scores_per_token * setup.seq_len) * scale)
     working, layer_input = float(layer.working * scale), float(layer.layer_input * scale)
     checkpointed = replace(setup, gradient_checkpointing=gc).checkpointed_layers(arch.num_layers)
@@ -288,8 +303,12 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
     if method == Method.QLORA:  # one dequantized weight, forward and backward
         layer_peak += 2 * 2 * max(i * o for i, o in arch.linear_shapes().values())
 
-    if setup.fused_loss:
-        loss = min(tokens, LOSS_TOKEN_TILE) * min(arch.vocab_size, LOSS_VOCAB_TILE) * 2
+    if setup.fused_loss and setup.host:  # its torch fallback: fp32 temporaries of full rows
+        loss = min(tokens, LOSS_TOKEN_TILE) * arch.vocab_size * HOST_LOSS_BYTES
+        loss += tokens * arch.hidden_size * 4
+    elif setup.fused_loss:
+        tile = min(tokens, LOSS_TOKEN_TILE) * min(arch.vocab_size, LOSS_VOCAB_TILE)
+        loss = tile * (4 if fp32 else 2)
         loss += tokens * arch.hidden_size * 4
     else:
         loss = tokens * arch.vocab_size * 12
@@ -307,6 +326,8 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
     allocated = persistent + peak
     context = CUDA_CONTEXT_GIB + (NCCL_GIB if setup.gpus > 1 else 0.0)
     margin = FRAGMENTATION if setup.data_tokens is None else VARIABLE_SHAPE_FRAGMENTATION
+    if setup.host:
+        context, margin = 0.0, HOST_FRAGMENTATION
     fragmentation = margin * allocated / GIB
     overlap = allocated - (persistent + grads + activations + loss)
     return MemoryEstimate(

@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 
 INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
 """The contract's reason (`Reason.INSUFFICIENT_GPU_MEMORY`) for a job that cannot fit."""
+INSUFFICIENT_MEMORY = "InsufficientMemory"
+"""The contract's reason (`Reason.INSUFFICIENT_MEMORY`) for a CPU run that cannot fit."""
 MAX_ADVICE = 3
 MAX_GPUS = 64
 """The largest GPU count advice may suggest (several nodes beyond GPUS_PER_NODE)."""
@@ -152,6 +154,9 @@ def stage_setups(
     checkpoint_every: int = 1,
     fused_kernels: bool | None = None,
     data_tokens: Mapping[int, int] | None = None,
+    *,
+    host: bool = False,
+    dense_attention: bool = False,
 ) -> list[tuple[str, TrainingSetup]]:
     """One TrainingSetup per stage of the spec, as the trainer will run it on `gpus` GPUs per
     pod (sharding spans every node: the setup's GPU count is gpus x distributed.nodes), with
@@ -162,15 +167,17 @@ def stage_setups(
     `fused_kernels` says whether the trainer applies Liger's kernels; None reads
     `fastPaths.fusedKernels` as the trainer image runs it (Auto: on; the image ships them).
     Lean adapters follow `fastPaths.leanAdapters` (Auto: on for LoRA and QLoRA under
-    autocast)."""
+    autocast). `host` plans a CPU run (`TrainingSetup.host`: no fast paths), whose attention
+    keeps the score matrices when `dense_attention` (SDPA with a mask on a CPU)."""
     training = spec.training or TrainingSpec()
     fast = training.fast_paths or FastPaths()
     distributed = spec.distributed
     full = spec.method == Method.FULL
     if fused_kernels is None:
-        fused_kernels = fast.fused_kernels != Toggle.DISABLED
+        fused_kernels = fast.fused_kernels != Toggle.DISABLED and not host
     lean = (
-        fast.lean_adapters != Toggle.DISABLED
+        not host
+        and fast.lean_adapters != Toggle.DISABLED
         and spec.method in (Method.LORA, Method.QLORA)
         and training.precision != Precision.FP32
     )
@@ -190,6 +197,8 @@ def stage_setups(
         fused_kernels=fused_kernels,
         lean_adapters=lean,
         gradient_accumulation=training.gradient_accumulation_steps,
+        eager_attention=dense_attention,
+        host=host,
     )
     setups = []
     known = data_tokens or {}
@@ -231,16 +240,28 @@ def _evaluate(
     gpus: int,
     fused: bool | None,
     data_tokens: Mapping[int, int] | None,
+    host: bool = False,
+    dense_attention: bool = False,
 ) -> tuple[str, TrainingSetup, MemoryEstimate]:
+    def setups(enabled: bool, every: int) -> list[tuple[str, TrainingSetup]]:
+        return stage_setups(
+            spec,
+            gpus,
+            enabled,
+            every,
+            fused,
+            data_tokens,
+            host=host,
+            dense_attention=dense_attention,
+        )
+
     toggle = (spec.training or TrainingSpec()).gradient_checkpointing
     if toggle != Toggle.AUTO:
-        enabled = toggle == Toggle.ENABLED
-        return _worst(arch, stage_setups(spec, gpus, enabled, 1, fused, data_tokens))
+        return _worst(arch, setups(toggle == Toggle.ENABLED, 1))
     if gpu_memory_gib is None or not partial_checkpointing_allowed(spec):
-        return _worst(arch, stage_setups(spec, gpus, True, 1, fused, data_tokens))
+        return _worst(arch, setups(True, 1))
     for every in checkpointing_options(arch.num_layers):  # ends with every layer (1)
-        setups = stage_setups(spec, gpus, every > 0, max(every, 1), fused, data_tokens)
-        worst = _worst(arch, setups)
+        worst = _worst(arch, setups(every > 0, max(every, 1)))
         if worst[2].total_gib <= gpu_memory_gib:
             break
     return worst
@@ -286,15 +307,77 @@ def preflight(
     )
 
 
-def advice_text(needed_gib: float, memory_gib: float, options: list[str]) -> str:
-    """'needs ~N GiB of GPU memory, the GPU has M GiB: <up to three options>'."""
+def host_preflight(
+    spec: FineTuneJobSpec,
+    arch: Architecture,
+    memory_gib: float | None,
+    *,
+    dense_attention: bool,
+    data_tokens: Mapping[int, int] | None = None,
+    source: str = "this machine",
+) -> Preflight:
+    """Check a CPU run (`kubetune run` on a machine without a GPU) against the memory the
+    process may still take (`host.read_host_memory`), before the weights are loaded.
+
+    The estimate is what training adds to the process: fp32 weights, gradients, optimizer
+    state and activations (`TrainingSetup.host`). `gradientCheckpointing: Auto` plans as on
+    a GPU: off when the step fits without it, else the fewest checkpointed layers that fit.
+
+    Args:
+        spec: the FineTuneJob spec.
+        arch: the base model's architecture.
+        memory_gib: memory the process may still take, or None when unknown (then Auto is
+            off, as CPU runs were before this check: it is slower, and nothing says it is
+            needed).
+        dense_attention: attention materializes the score matrices (SDPA with a mask, as
+            packed and padded rows have on a CPU).
+        data_tokens: as for `preflight`.
+        source: what bounds `memory_gib` (`host.HostMemory.source`), for the advice.
+    """
+    if memory_gib is None:
+        stage, setup, estimate = _worst(
+            arch,
+            stage_setups(
+                spec,
+                1,
+                (spec.training or TrainingSpec()).gradient_checkpointing == Toggle.ENABLED,
+                data_tokens=data_tokens,
+                host=True,
+                dense_attention=dense_attention,
+            ),
+        )
+        return Preflight(None, estimate.total_gib, None, 0, stage, setup, estimate)
+    stage, setup, estimate = _evaluate(
+        spec, arch, memory_gib, 1, False, data_tokens, host=True, dense_attention=dense_attention
+    )
+    needed = estimate.total_gib
+    if needed <= memory_gib:
+        return Preflight(True, needed, memory_gib, 0, stage, setup, estimate)
+    options = alternatives(arch, setup, memory_gib)
+    advice = advice_text(needed, memory_gib, options, host=source)
+    return Preflight(
+        False, needed, memory_gib, 0, stage, setup, estimate, advice, INSUFFICIENT_MEMORY
+    )
+
+
+def advice_text(
+    needed_gib: float, memory_gib: float, options: list[str], *, host: str | None = None
+) -> str:
+    """'needs ~N GiB of GPU memory, the GPU has M GiB: <up to three options>'; for a CPU
+    run, `host` names what bounds its memory: 'needs ~N GiB more memory, M GiB available
+    (this machine): ...'."""
     has = f"{memory_gib:.1f}".removesuffix(".0")
     head = f"needs ~{needed_gib:.0f} GiB of GPU memory, the GPU has {has} GiB"
+    if host:
+        head = f"needs ~{needed_gib:.0f} GiB more memory, {has} GiB available ({host})"
     if not options:
-        return (
-            f"{head}: no single change fits; combine method QLoRA, gradient checkpointing, a "
-            "smaller batch and more GPUs with FSDP, or use GPUs with more memory"
+        combine = (
+            "gradient checkpointing, a smaller batch and shorter sequences, or train on a GPU"
+            if host
+            else "method QLoRA, gradient checkpointing, a smaller batch and more GPUs with "
+            "FSDP, or use GPUs with more memory"
         )
+        return f"{head}: no single change fits; combine {combine}"
     shown = options[:MAX_ADVICE]
     tail = shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + ", or " + shown[-1]
     return f"{head}: {tail}"
@@ -306,29 +389,15 @@ def _fits(arch: Architecture, setup: TrainingSetup, memory: float) -> bool:
 
 def alternatives(arch: Architecture, setup: TrainingSetup, memory: float) -> list[str]:
     """Single changes to `setup` that make it fit in `memory` GiB, most convenient first:
-    gradient checkpointing, QLoRA, more GPUs with sharding, a smaller batch, shorter
-    sequences."""
-    gpus = setup.gpus
+    gradient checkpointing, QLoRA, more GPUs with sharding (not for a CPU run), a smaller
+    batch, shorter sequences."""
     options = []
     gc_on = replace(setup, gradient_checkpointing=True)
     can_checkpoint = not setup.gradient_checkpointing and setup.method != Method.PREFIX_TUNING
     if can_checkpoint and _fits(arch, gc_on, memory):
         options.append("enable gradient checkpointing")
-    if setup.method in (Method.LORA, Method.FULL):
-        qlora = replace(gc_on, method=Method.QLORA, optimizer=setup.optimizer)
-        if _fits(arch, qlora, memory):
-            options.append("use method QLoRA")
-    strategy = setup.strategy if setup.strategy in SHARDED else DistributedStrategy.FSDP
-    for n in range(max(gpus, 1) + 1, MAX_GPUS + 1):
-        if _fits(arch, replace(setup, gpus=n, strategy=strategy), memory):
-            nodes = f" ({-(-n // GPUS_PER_NODE)} nodes)" if n > GPUS_PER_NODE else ""
-            suffix = "" if setup.strategy in SHARDED else " with distributed.strategy FSDP"
-            options.append(f"use {n} GPUs{nodes}{suffix}")
-            break
-    offload = replace(setup, cpu_offload=True)
-    sharded = setup.strategy in SHARDED and setup.gpus > 1 and not setup.cpu_offload
-    if sharded and _fits(arch, offload, memory):
-        options.append("set distributed.cpuOffload (optimizer and gradients in CPU memory)")
+    if not setup.host:
+        options += _gpu_alternatives(arch, setup, gc_on, memory)
     for batch in range(setup.batch_size - 1, 0, -1):
         if _fits(arch, replace(setup, batch_size=batch), memory):
             options.append(
@@ -342,6 +411,29 @@ def alternatives(arch: Architecture, setup: TrainingSetup, memory: float) -> lis
             options.append(f"lower training.maxSeqLength to {seq}")
             break
         seq //= 2
+    return options
+
+
+def _gpu_alternatives(
+    arch: Architecture, setup: TrainingSetup, gc_on: TrainingSetup, memory: float
+) -> list[str]:
+    """QLoRA, more GPUs with sharding and CPU offload: the changes only a GPU run has."""
+    options = []
+    if setup.method in (Method.LORA, Method.FULL):
+        qlora = replace(gc_on, method=Method.QLORA, optimizer=setup.optimizer)
+        if _fits(arch, qlora, memory):
+            options.append("use method QLoRA")
+    strategy = setup.strategy if setup.strategy in SHARDED else DistributedStrategy.FSDP
+    for n in range(max(setup.gpus, 1) + 1, MAX_GPUS + 1):
+        if _fits(arch, replace(setup, gpus=n, strategy=strategy), memory):
+            nodes = f" ({-(-n // GPUS_PER_NODE)} nodes)" if n > GPUS_PER_NODE else ""
+            suffix = "" if setup.strategy in SHARDED else " with distributed.strategy FSDP"
+            options.append(f"use {n} GPUs{nodes}{suffix}")
+            break
+    offload = replace(setup, cpu_offload=True)
+    sharded = setup.strategy in SHARDED and setup.gpus > 1 and not setup.cpu_offload
+    if sharded and _fits(arch, offload, memory):
+        options.append("set distributed.cpuOffload (optimizer and gradients in CPU memory)")
     return options
 
 

@@ -116,11 +116,11 @@ class Checkpointing:
 def gradient_checkpointing(
     spec: FineTuneJobSpec, cuda: bool, planned: TrainingSetup | None = None
 ) -> Checkpointing:
-    """Enabled: every layer; Disabled: off. Auto is off on CPUs (speed) and, on GPUs, what the
-    memory preflight planned (`planned`: its TrainingSetup): off when the step fits without
-    it, else the fewest checkpointed layers that fit; every layer when there is no plan (an
-    architecture the calculator does not know). Prefix tuning never uses it (PEFT's prefix
-    tuning fails with it)."""
+    """Enabled: every layer; Disabled: off. Auto is what the memory preflight planned
+    (`planned`: its TrainingSetup): off when the step fits without it, else the fewest
+    checkpointed layers that fit. Without a plan (an architecture the calculator does not
+    know, or a CPU whose available memory is unknown) it is every layer on GPUs and off on
+    CPUs (speed). Prefix tuning never uses it (PEFT's prefix tuning fails with it)."""
     toggle = (spec.training or TrainingSpec()).gradient_checkpointing
     if spec.method == Method.PREFIX_TUNING:
         return Checkpointing(0, "prefix tuning trains without it")
@@ -128,16 +128,17 @@ def gradient_checkpointing(
         return Checkpointing(1, "training.gradientCheckpointing is Enabled")
     if toggle == Toggle.DISABLED:
         return Checkpointing(0, "training.gradientCheckpointing is Disabled")
-    if not cuda:
-        return Checkpointing(0, "Auto on a CPU")
     if planned is None:
+        if not cuda:
+            return Checkpointing(0, "Auto on a CPU without a memory estimate")
         return Checkpointing(1, "Auto without a memory estimate")
+    memory = "GPU memory" if cuda else "the memory available"
     if not planned.gradient_checkpointing:
-        return Checkpointing(0, "Auto: the step fits in GPU memory without it")
+        return Checkpointing(0, f"Auto: the step fits in {memory} without it")
     every = max(planned.checkpoint_every, 1)
     if every == 1:
-        return Checkpointing(1, "Auto: the step needs it on every layer to fit")
-    return Checkpointing(every, "Auto: the fewest checkpointed layers that fit in GPU memory")
+        return Checkpointing(1, f"Auto: the step needs it on every layer to fit in {memory}")
+    return Checkpointing(every, f"Auto: the fewest checkpointed layers that fit in {memory}")
 
 
 def _bnb_config(qlora: QLoRASpec) -> Any:

@@ -49,6 +49,7 @@ from kubetune.trainer.sft import TRAIN_LOG, packing_enabled
 from kubetune.trainer.stages import StageData
 
 if TYPE_CHECKING:
+    from kubetune.calc.architectures import Architecture
     from kubetune.calc.memory import TrainingSetup
 
 Log = Callable[[str], None]
@@ -195,7 +196,7 @@ def _run_pipeline(
         training.fast_paths, cuda, packing_enabled(spec), model_config=resolved.config
     )
     data_tokens = _data_tokens(spec, stage_data, attention.name)
-    planned = _preflight(spec, resolved, cuda, fused.enabled, data_tokens, log)
+    planned = _preflight(spec, resolved, cuda, fused.enabled, data_tokens, attention.name, log)
     precisions = models.choose_precision(
         training, spec.method, cuda, cuda and torch.cuda.is_bf16_supported()
     )
@@ -490,22 +491,24 @@ def _preflight(
     cuda: bool,
     fused_kernels: bool,
     data_tokens: dict[int, int],
+    attention_name: str,
     log: Log,
 ) -> TrainingSetup | None:
-    """Refuse a job whose estimate exceeds the GPU before any weights are loaded; returns
-    the calculator's plan (gradient checkpointing for Auto), None without one.
-    `data_tokens` (`_data_tokens`) sizes the DPO stages by their data."""
+    """Refuse a job whose estimate exceeds the GPU (or, on a CPU, the memory the process may
+    still take) before any weights are loaded; returns the calculator's plan (gradient
+    checkpointing for Auto), None without one. `data_tokens` (`_data_tokens`) sizes the DPO
+    stages by their data."""
     import torch
 
     from kubetune.calc import ArchitectureError, load_architecture, preflight
 
-    if not cuda:
-        return None
     try:
         arch = load_architecture(str(resolved.path))
     except ArchitectureError as exc:
         log(f"Memory preflight skipped: {exc}")
         return None
+    if not cuda:
+        return _host_preflight(spec, arch, data_tokens, attention_name, log)
     memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     verdict = preflight(
         spec,
@@ -523,4 +526,50 @@ def _preflight(
     )
     if verdict.fits is False:
         raise PipelineError(Reason.INSUFFICIENT_GPU_MEMORY, verdict.advice)
+    return verdict.setup
+
+
+def _host_preflight(
+    spec: FineTuneJobSpec,
+    arch: Architecture,
+    data_tokens: dict[int, int],
+    attention_name: str,
+    log: Log,
+) -> TrainingSetup | None:
+    """The CPU run's check: what training adds to this process against what the machine
+    (or the container's memory limit) has available, shared equally by the trainer
+    processes on it; the OOM killer gives no message."""
+    from kubetune.calc import host
+    from kubetune.calc.preflight import host_preflight
+
+    try:
+        memory = host.memory_budget()
+    except ValueError as exc:
+        raise PipelineError(Reason.INVALID_SPEC, str(exc)) from exc
+    processes = distributed.topology().local_world_size
+    share = memory.available_gib / processes if memory else None
+    source = memory.source if memory else "this machine"
+    if processes > 1:
+        source += f", shared by {processes} processes"
+    verdict = host_preflight(
+        spec,
+        arch,
+        share,
+        # Eager attention keeps its score matrices; SDPA's CPU kernels do not (measured:
+        # 1 x 2048 and 2 x 1024 tokens peak alike).
+        dense_attention=attention_name == "eager",
+        data_tokens=data_tokens,
+        source=source,
+    )
+    held = host.resident_gib()
+    holds = f" (this process holds {held:.1f} GiB)" if held is not None else ""
+    if share is None:
+        log(f"Memory estimate: {verdict.needed_gib:.1f} GiB more{holds}; available unknown")
+        return None
+    log(
+        f"Memory estimate: {verdict.needed_gib:.1f} GiB more{holds}, of "
+        f"{share:.1f} GiB available ({source})"
+    )
+    if verdict.fits is False:
+        raise PipelineError(Reason.INSUFFICIENT_MEMORY, verdict.advice)
     return verdict.setup

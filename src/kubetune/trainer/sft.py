@@ -28,6 +28,7 @@ from kubetune.api.v1alpha1.training import (
     Schedule,
     TrainingSpec,
 )
+from kubetune.calc import host
 from kubetune.storage import RunLayout, Store
 from kubetune.trainer import checkpointing, distributed, faults
 from kubetune.trainer.models import Checkpointing, Precisions, TrainingSetupError
@@ -390,6 +391,8 @@ def run_trainer(
         import torch
 
         torch.cuda.reset_peak_memory_stats()  # each stage reports its own peak
+    else:
+        host.reset_peak_resident()
     resume = checkpointing.download_latest(
         store,
         layout,
@@ -439,6 +442,10 @@ def run_trainer(
             f"Peak GPU memory: {result_metrics['peak_memory_allocated_gib']:.2f} GiB allocated, "
             f"{result_metrics['peak_memory_reserved_gib']:.2f} GiB reserved"
         )
+    elif (resident := host.peak_resident_gib()) is not None:
+        # The whole process: the model, the data and the training step.
+        result_metrics["peak_memory_resident_gib"] = resident
+        log(f"Peak memory: {resident:.2f} GiB resident")
     evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     if evaluations:
         result_metrics.update(
