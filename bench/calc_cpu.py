@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -43,6 +44,14 @@ GRID: dict[str, dict[str, Any]] = {
     "lora-4x512": {"batchSize": 4, "maxSeqLength": 512},
     "lora-2x1024-padded": {"batchSize": 2, "maxSeqLength": 1024, "packing": "None"},
     "full-2x512": {"batchSize": 2, "maxSeqLength": 512, "method": "Full"},
+    "lora-2x2048": {"batchSize": 2, "maxSeqLength": 2048},
+    "lora-4x2048-gc": {"batchSize": 4, "maxSeqLength": 2048, "gradientCheckpointing": "Enabled"},
+    "lora-2x2048-auto-15g": {
+        "batchSize": 2,
+        "maxSeqLength": 2048,
+        "gradientCheckpointing": "Auto",
+        "env": {"KUBETUNE_HOST_MEMORY_GIB": "15"},
+    },
     "lora-4x2048-auto": {"batchSize": 4, "maxSeqLength": 2048, "gradientCheckpointing": "Auto"},
 }
 ESTIMATE = re.compile(r"Memory estimate: ([\d.]+) GiB more \(this process holds ([\d.]+) GiB\)")
@@ -51,7 +60,7 @@ CHECKPOINTING = re.compile(r"Gradient checkpointing: (.*)")
 
 
 def job(name: str, data: Path, steps: int, fields: dict[str, Any]) -> dict[str, Any]:
-    fields = dict(fields)
+    fields = {k: v for k, v in fields.items() if k != "env"}
     method = fields.pop("method", "LoRA")
     training = {
         "maxSteps": steps,
@@ -75,13 +84,17 @@ def job(name: str, data: Path, steps: int, fields: dict[str, Any]) -> dict[str, 
     }
 
 
-def run(name: str, spec: dict[str, Any], out: Path, work: Path) -> dict[str, Any]:
+def run(
+    name: str, spec: dict[str, Any], out: Path, work: Path, env: dict[str, str]
+) -> dict[str, Any]:
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     command = [sys.executable, "-m", "kubetune", "run", str(path), "--output", str(work)]
     started = time.monotonic()
     with (out / f"{name}.log").open("w") as handle:
-        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT)
+        code = subprocess.call(
+            command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **env}
+        )
     text = (out / f"{name}.log").read_text()
     result: dict[str, Any] = {
         "name": name,
@@ -134,7 +147,7 @@ def main() -> int:
     data = args.out / "data.jsonl"
     write_rows(data, args.rows, None)
     results = [
-        run(name, job(name, data, args.steps, fields), args.out, work)
+        run(name, job(name, data, args.steps, fields), args.out, work, fields.get("env", {}))
         for name, fields in GRID.items()
         if not args.only or name in args.only
     ]

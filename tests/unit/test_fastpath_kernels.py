@@ -147,6 +147,15 @@ def test_gradient_checkpointing_follows_the_toggle_and_the_memory_plan(
     assert (kwargs or {}).get("every_n_layers") == (every or None)
 
 
+@pytest.mark.parametrize(
+    ("every", "words"),
+    [(1, "every layer"), (2, "every 2nd layer"), (3, "every 3rd layer"), (4, "every 4th layer"),
+     (11, "every 11th layer"), (21, "every 21st layer"), (22, "every 22nd layer")],
+)  # fmt: skip
+def test_the_log_names_which_layers_recompute(every: int, words: str) -> None:
+    assert models.Checkpointing(every, "why").describe() == f"on, {words} (why)"
+
+
 def test_the_trainer_checkpoints_every_nth_layer_as_planned(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

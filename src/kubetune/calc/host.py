@@ -1,5 +1,5 @@
-"""How much more memory a CPU run may take: what the machine has available, bounded by the
-memory limit of the container it runs in (cgroup v2 or v1).
+"""How much more memory a CPU run may take: 90 % of what the machine has available, bounded
+by the memory limit of the container it runs in (cgroup v2 or v1).
 
 The kernel's OOM killer ends a process that goes over either without a message, so a CPU run
 is checked against the smaller of the two before it loads weights. Page cache counts against
@@ -16,6 +16,9 @@ from pathlib import Path
 GIB = 1024**3
 UNLIMITED = 1 << 60
 """cgroup v1 reports no limit as a number near 2**63."""
+USABLE = 0.9
+"""The share of MemAvailable (or a cgroup's headroom) a run plans to use: the estimate counts
+the page cache the kernel can reclaim, and the OOM killer acts before all of it is gone."""
 BUDGET_ENV = "KUBETUNE_HOST_MEMORY_GIB"
 """Caps the memory a CPU run plans for (to leave room for other programs)."""
 
@@ -96,7 +99,7 @@ def read_host_memory(
     available = meminfo_available(_read(proc / "meminfo") or "")
     if available is None:
         return None
-    best = HostMemory(available / GIB, "this machine")
+    best = HostMemory(USABLE * available / GIB, "this machine")
     names = {
         "v2": ("memory.max", "memory.current"),
         "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes"),
@@ -108,8 +111,8 @@ def read_host_memory(
             _read(directory / usage_name),
             _read(directory / "memory.stat"),
         )
-        if headroom is not None and headroom / GIB < best.available_gib:
-            best = HostMemory(headroom / GIB, "the container's memory limit")
+        if headroom is not None and USABLE * headroom / GIB < best.available_gib:
+            best = HostMemory(USABLE * headroom / GIB, "the container's memory limit")
     return best
 
 

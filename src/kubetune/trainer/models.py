@@ -107,10 +107,16 @@ class Checkpointing:
     def describe(self) -> str:
         if not self.enabled:
             return f"off ({self.reason})"
-        which = (
-            "every layer" if self.every_n_layers == 1 else f"every {self.every_n_layers}th layer"
-        )
+        n = self.every_n_layers
+        which = "every layer" if n == 1 else f"every {n}{_ordinal_suffix(n)} layer"
         return f"on, {which} ({self.reason})"
+
+
+def _ordinal_suffix(n: int) -> str:
+    """'st', 'nd', 'rd' or 'th': 2nd, 3rd, 11th, 21st."""
+    if 10 <= n % 100 <= 20:
+        return "th"
+    return {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
 
 
 def gradient_checkpointing(
