@@ -17,6 +17,8 @@ How `Auto` settings are read:
   RewardModel) run chosen and rejected sequences together; DPO and KTO with method Full keep a
   frozen reference copy, RLHF a reward model (and, with Full, a reference) copy. The worst
   stage decides.
+- CPU runs (`host_preflight`) are planned in fp32 against the memory the process may still
+  take, with the CPU terms of `TrainingSetup.host`, and refused with InsufficientMemory.
 - Without data every sequence is planned at `maxSeqLength`. The trainer knows its prepared
   data before it loads the model and passes, for DPO stages, the most tokens one of their
   micro-batches can hold (`preference_batch_tokens`): preference pairs are usually far
@@ -168,7 +170,7 @@ def stage_setups(
     `fastPaths.fusedKernels` as the trainer image runs it (Auto: on; the image ships them).
     Lean adapters follow `fastPaths.leanAdapters` (Auto: on for LoRA and QLoRA under
     autocast). `host` plans a CPU run (`TrainingSetup.host`: no fast paths), whose attention
-    keeps the score matrices when `dense_attention` (SDPA with a mask on a CPU)."""
+    keeps the score matrices when `dense_attention` (eager attention)."""
     training = spec.training or TrainingSpec()
     fast = training.fast_paths or FastPaths()
     distributed = spec.distributed
@@ -317,7 +319,7 @@ def host_preflight(
     source: str = "this machine",
 ) -> Preflight:
     """Check a CPU run (`kubetune run` on a machine without a GPU) against the memory the
-    process may still take (`host.read_host_memory`), before the weights are loaded.
+    process may still take (`host.memory_budget`), before the weights are loaded.
 
     The estimate is what training adds to the process: fp32 weights, gradients, optimizer
     state and activations (`TrainingSetup.host`). `gradientCheckpointing: Auto` plans as on
@@ -329,8 +331,8 @@ def host_preflight(
         memory_gib: memory the process may still take, or None when unknown (then Auto is
             off, as CPU runs were before this check: it is slower, and nothing says it is
             needed).
-        dense_attention: attention materializes the score matrices (SDPA with a mask, as
-            packed and padded rows have on a CPU).
+        dense_attention: attention keeps its score matrices (eager attention; SDPA's CPU
+            kernels do not).
         data_tokens: as for `preflight`.
         source: what bounds `memory_gib` (`host.HostMemory.source`), for the advice.
     """
