@@ -5,7 +5,7 @@ ends with the weights, metrics and training log of an uninterrupted run with the
 
 The uninterrupted reference runs once per module. Weights are compared exactly
 (`torch.equal`: CPU, one thread, same seed); so are metrics and log records, less the
-numbers that measure time (`TIMING`). What a restart may still change is listed with its
+numbers that measure the machine: time and peak memory (`MEASURED`). What a restart may still change is listed with its
 cause (`KNOWN`, `LOST_LOG`; empty today) and expected exactly, so that a fix shows up as a
 failure asking to drop the entry. The randomized campaign (`soak`, `make soak`) kills at
 random points and steps, sometimes twice in one run.
@@ -39,8 +39,9 @@ INTERVAL = 2
 KEEP = 2
 RUN = ("test", "faults", "r1")
 COMPLETE = "checkpoints/COMPLETE.json"
-TIMING = ("time", "eta_seconds", "runtime", "per_second")
-"""Keys (or parts of keys) of numbers that measure time, not what was computed."""
+MEASURED = ("time", "eta_seconds", "runtime", "per_second", "peak_memory")
+"""Keys (or parts of keys) of numbers that measure the machine (time, the process's peak
+resident memory), not what was computed."""
 KNOWN: dict[str, str] = {}
 """Training numbers that a restart in the middle of a stage still changes, and why (none:
 the trainer reports the logged train_loss and restores TRL's token counter on resume)."""
@@ -86,8 +87,8 @@ def write_config(folder: Path, model: Path, output_uri: str) -> Path:
 
 
 def untimed(record: dict[str, Any]) -> dict[str, Any]:
-    """A metrics record without the numbers that measure time."""
-    return {k: v for k, v in record.items() if not any(part in k for part in TIMING)}
+    """A metrics record without the numbers that measure the machine."""
+    return {k: v for k, v in record.items() if not any(part in k for part in MEASURED)}
 
 
 def without(record: dict[str, Any], keys: frozenset[str]) -> dict[str, Any]:
