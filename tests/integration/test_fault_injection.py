@@ -5,10 +5,10 @@ ends with the weights, metrics and training log of an uninterrupted run with the
 
 The uninterrupted reference runs once per module. Weights are compared exactly
 (`torch.equal`: CPU, one thread, same seed); so are metrics and log records, less the
-numbers that measure the machine: time and peak memory (`MEASURED`). What a restart may still change is listed with its
-cause (`KNOWN`, `LOST_LOG`; empty today) and expected exactly, so that a fix shows up as a
-failure asking to drop the entry. The randomized campaign (`soak`, `make soak`) kills at
-random points and steps, sometimes twice in one run.
+numbers that measure the machine: time and peak memory (`MEASURED`). What a restart may
+still change is listed with its cause (`KNOWN`, `LOST_LOG`; empty today) and expected
+exactly, so that a fix shows up as a failure asking to drop the entry. The randomized
+campaign (`soak`, `make soak`) kills at random points and steps, sometimes twice in one run.
 """
 
 from __future__ import annotations
