@@ -14,7 +14,7 @@ and, after the training stage,
 (the process's VmHWM, reset when the stage starts). The prediction is X + Y: what the
 process held at the check plus what the calculator says training adds.
 
-    python bench/calc_cpu.py --out OUT            # the documented grid (about 15 min, 2 cores)
+    python bench/calc_cpu.py --out OUT            # the documented grid (~40 min, 2 cores)
     python bench/calc_cpu.py --only lora-2x1024 --out OUT
 """
 
