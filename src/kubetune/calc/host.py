@@ -150,14 +150,19 @@ def reset_peak_resident(proc: Path = Path("/proc")) -> bool:
     return True
 
 
-def status_peak_resident(text: str) -> int | None:
-    """VmHWM of /proc/self/status (the peak resident set), in bytes."""
+def _status_kib(text: str, key: str) -> int | None:
+    """A `key:  N kB` line of /proc/self/status, in bytes."""
     for line in text.splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{key}:"):
             fields = line.split()
             if len(fields) >= 2 and fields[1].isdigit():
                 return int(fields[1]) * 1024
     return None
+
+
+def status_peak_resident(text: str) -> int | None:
+    """VmHWM of /proc/self/status (the peak resident set), in bytes."""
+    return _status_kib(text, "VmHWM")
 
 
 def peak_resident_gib(proc: Path = Path("/proc")) -> float | None:
@@ -172,9 +177,5 @@ def peak_resident_gib(proc: Path = Path("/proc")) -> float | None:
 
 def resident_gib(proc: Path = Path("/proc")) -> float | None:
     """This process's resident memory now (VmRSS), in GiB."""
-    for line in (_read(proc / "self" / "status") or "").splitlines():
-        if line.startswith("VmRSS:"):
-            fields = line.split()
-            if len(fields) >= 2 and fields[1].isdigit():
-                return int(fields[1]) * 1024 / GIB
-    return None
+    held = _status_kib(_read(proc / "self" / "status") or "", "VmRSS")
+    return None if held is None else held / GIB
