@@ -519,11 +519,12 @@ def _preflight(
         data_tokens=data_tokens,
     )
     sized = verdict.setup.data_tokens
-    by_data = f" ({verdict.stage}: micro-batches of at most {sized:,} tokens in its data)"
-    log(
-        f"Memory estimate: {verdict.needed_gib:.1f} GiB per GPU of {memory_gib:.1f} GiB"
-        + (by_data if sized is not None else "")
+    by_data = (
+        f" ({verdict.stage}: micro-batches of at most {sized:,} tokens in its data)"
+        if sized is not None
+        else ""
     )
+    log(f"Memory estimate: {verdict.needed_gib:.1f} GiB per GPU of {memory_gib:.1f} GiB{by_data}")
     if verdict.fits is False:
         raise PipelineError(Reason.INSUFFICIENT_GPU_MEMORY, verdict.advice)
     return verdict.setup
