@@ -309,7 +309,7 @@ def cmd_calc(args: argparse.Namespace) -> int:
             if args.gpus is None and wanted == "Auto" and memory:
                 wanted = choose_gpus(spec, arch, memory) or 1
             gpus = args.gpus or (wanted if isinstance(wanted, int) else 1)
-            setup, auto = preflight(spec, arch, memory, gpus).setup, False
+            setup, auto, auto_offload = preflight(spec, arch, memory, gpus).setup, False, False
         else:
             arch = load_architecture(args.model or args.arch)
             targets = [t for item in args.target_modules for t in item.split(",") if t]
@@ -319,6 +319,7 @@ def cmd_calc(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 adapter=AdapterSettings(args.lora_rank, tuple(targets), args.use_dora),
                 gradient_checkpointing=bool(args.gradient_checkpointing),
+                offload_activations=bool(args.activation_offload),
                 precision=parse_enum(Precision, args.precision, "--precision"),
                 optimizer=parse_enum(Optimizer, args.optimizer, "--optimizer"),
                 gpus=args.gpus or 1,
@@ -328,10 +329,13 @@ def cmd_calc(args: argparse.Namespace) -> int:
                 lean_adapters=args.fast_paths,
             )
             auto = args.gradient_checkpointing is None
+            offload_unset = args.activation_offload is None
+            auto_offload = offload_unset and args.gradient_checkpointing is not False
         result = calculate(
             arch,
             setup,
             auto_checkpointing=auto,
+            auto_offload=auto_offload,
             gpu=gpu,
             gpu_memory_gib=memory,
             tokens=args.tokens,
@@ -691,6 +695,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--gradient-checkpointing",
         action=argparse.BooleanOptionalAction,
         help="force checkpointing on or off (default: on only when needed)",
+    )
+    calc.add_argument(
+        "--activation-offload",
+        action=argparse.BooleanOptionalAction,
+        help="force the checkpointed layers' inputs into host memory, or keep them on the "
+        "GPU (default: offloaded only when the step does not fit otherwise)",
     )
     calc.add_argument("--precision", default="Auto", help="Auto, BF16, FP16 or FP32")
     calc.add_argument(

@@ -19,20 +19,43 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 def test_table_shows_memory_fit_advice_parameters_and_compute(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    code, out, _ = run(capsys, "--arch", "llama-3.1-8b", "--gpu-class", "L4", "--tokens", "1e7")
+    code, out, _ = run(
+        capsys, "--arch", "llama-3.1-8b", "--gpu-class", "L4", "--tokens", "1e7",
+        "--no-activation-offload",
+    )  # fmt: skip
     assert code == 1  # it does not fit: a script can gate on the exit status
     for expected in (
         "llama-3.1-8b (llama, 8.03B parameters): LoRA, 8,192 tokens per micro-batch (4 x 2048)",
         "gradient checkpointing on",
         "  weights                           14.96",
         "fits L4 (22.5 GiB): NO",
-        "needs ~25 GiB of GPU memory, the GPU has 22.5 GiB: use method QLoRA",
+        "needs ~25 GiB of GPU memory, the GPU has 22.5 GiB: set training.activationOffload "
+        "to Enabled (checkpointed layer inputs in host memory), use method QLoRA",
         "trainable parameters   41,943,040 of 8,072,204,288 (0.520 %)",
         "FLOPs per token        31.88B",
         "time at 20% MFU        3.7 h on 1 x L4 (121 TFLOP/s peak), 3.66 GPU-hours",
         "checkpoint             0.50 GB",
     ):
         assert expected in out, expected
+
+
+def test_activation_offload_is_the_last_resort_before_no(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run(capsys, "--arch", "llama-3.1-8b", "--gpu-class", "L4")
+    assert code == 0
+    assert "gradient checkpointing on, inputs offloaded to host memory" in out
+    assert "fits L4 (22.5 GiB): yes" in out
+    assert "note: activation offload: 2.0 GiB of checkpointed layer inputs" in out
+    code, out, _ = run(capsys, "--arch", "llama-3.1-8b", "--gpu-class", "H200", "--json")
+    assert json.loads(out)["setup"]["activationOffload"] is False  # fits without it
+    code, out, _ = run(
+        capsys, "--arch", "llama-3.1-8b", "--gpu-class", "H200", "--gradient-checkpointing",
+        "--activation-offload", "--json",
+    )  # fmt: skip
+    data = json.loads(out)
+    assert data["setup"]["activationOffload"] is True
+    assert data["memory"]["hostOffloadGiB"] == pytest.approx(32 * 8192 * 4096 * 2 / 2**30)
 
 
 def test_json_follows_the_documented_schema(capsys: pytest.CaptureFixture[str]) -> None:

@@ -224,3 +224,51 @@ def test_data_tokens_size_only_the_stage_they_name() -> None:
     result = preflight(job, L8, 140.0, 1, data_tokens={1: 1000})
     assert result.stage == "SFT"  # the DPO stage, sized by its data, needs less
     assert result.setup.data_tokens is None
+
+
+def test_auto_offloads_checkpointed_inputs_only_when_nothing_else_fits() -> None:
+    job = spec(method="QLoRA", training={"batchSize": 4, "gradientCheckpointing": "Enabled"})
+    roomy = preflight(job, L8, 24.0, 1)
+    assert roomy.fits is True
+    assert not roomy.setup.offload_activations
+    assert roomy.estimate.host_offload_gib == 0
+    tight = preflight(job, L8, roomy.needed_gib - 1.0, 1)
+    assert tight.fits is True
+    assert tight.setup.offload_activations
+    # 31 of the 32 checkpointed inputs (8,192 tokens x 4,096 x 2 bytes each) leave the GPU.
+    freed = roomy.estimate.allocated_gib - tight.estimate.allocated_gib
+    assert freed == pytest.approx(31 * 8192 * 4096 * 2 / 2**30)
+    assert tight.estimate.host_offload_gib == pytest.approx(32 * 8192 * 4096 * 2 / 2**30)
+    assert any("activation offload" in note for note in tight.estimate.notes)
+    assert preflight(job, L8, tight.needed_gib - 0.5, 1).fits is False
+
+
+def test_auto_checkpointing_tries_every_layer_before_offloading() -> None:
+    job = spec(method="QLoRA", training={"batchSize": 4})
+    enabled = spec(method="QLoRA", training={"batchSize": 4, "gradientCheckpointing": "Enabled"})
+    needed = preflight(enabled, L8, 139.8, 1).needed_gib
+    every_layer = preflight(job, L8, needed + 0.1, 1)
+    assert every_layer.setup.checkpoint_every == 1
+    assert not every_layer.setup.offload_activations
+    offloaded = preflight(job, L8, needed - 1.0, 1)
+    assert offloaded.fits is True
+    assert offloaded.setup.checkpoint_every == 1
+    assert offloaded.setup.offload_activations
+
+
+def test_offload_set_by_hand_is_kept_and_disabled_is_advised_against() -> None:
+    training = {"batchSize": 4, "gradientCheckpointing": "Enabled"}
+    enabled = spec(method="QLoRA", training={**training, "activationOffload": "Enabled"})
+    assert preflight(enabled, L8, 139.8, 1).setup.offload_activations
+    disabled = spec(method="QLoRA", training={**training, "activationOffload": "Disabled"})
+    result = preflight(disabled, L8, 10.5, 1)
+    assert result.fits is False
+    assert "set training.activationOffload to Enabled (checkpointed layer inputs" in result.advice
+
+
+def test_offload_leaves_cpu_runs_alone() -> None:
+    from kubetune.calc.preflight import host_preflight
+
+    job = spec(training={"gradientCheckpointing": "Enabled", "activationOffload": "Enabled"})
+    verdict = host_preflight(job, KNOWN_ARCHITECTURES["smollm2-135m"], 64.0, dense_attention=False)
+    assert not verdict.setup.offload_activations

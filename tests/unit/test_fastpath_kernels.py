@@ -147,6 +147,89 @@ def test_gradient_checkpointing_follows_the_toggle_and_the_memory_plan(
     assert (kwargs or {}).get("every_n_layers") == (every or None)
 
 
+OFFLOADED = replace(PLAN, checkpoint_every=1, offload_activations=True)
+
+
+@pytest.mark.parametrize(
+    ("fields", "cuda", "planned", "offload", "why"),
+    [
+        ({}, True, PLAN, False, "Auto: not needed"),
+        ({}, True, OFFLOADED, True, "Auto: the step fits in GPU memory only with it"),
+        ({}, True, None, False, "Auto: not needed"),
+        ({}, False, OFFLOADED, False, "a CPU run keeps its activations in host memory"),
+        ({"training": {"activationOffload": "Enabled"}}, True, PLAN, True, "is Enabled"),
+        ({"training": {"activationOffload": "Disabled"}}, True, OFFLOADED, False, "is Disabled"),
+        (
+            {"training": {"activationOffload": "Enabled", "gradientCheckpointing": "Auto"}},
+            True,
+            replace(PLAN, gradient_checkpointing=False),
+            False,
+            "no layer is checkpointed",
+        ),
+        ({"method": "PrefixTuning"}, True, OFFLOADED, False, "no layer is checkpointed"),
+    ],
+)
+def test_activation_offload_follows_the_toggle_and_the_memory_plan(
+    fields: dict[str, Any], cuda: bool, planned: TrainingSetup | None, offload: bool, why: str
+) -> None:
+    chosen = models.gradient_checkpointing(spec(**fields), cuda, planned)
+    assert chosen.offload is offload
+    assert why in chosen.describe_offload()
+    assert chosen.describe_offload().startswith("on (" if offload else "off (")
+    assert (chosen.trainer_kwargs() or {}).get("offload", False) is offload
+
+
+def test_offload_without_checkpointing_is_refused_with_the_field() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"training.activationOffload moves the inputs"):
+        spec(training={"activationOffload": "Enabled", "gradientCheckpointing": "Disabled"})
+
+
+def test_the_trainer_hands_offload_to_transformers(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Trainer passes `offload` from the job's checkpointing to the model when training
+    starts (pinned host memory needs a GPU, so the recorded call trains without it here)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from trl import SFTTrainer
+
+    from kubetune.trainer.models import Checkpointing, Precisions
+    from kubetune.trainer.sft import sft_config
+
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.num_hidden_layers = 2
+    model = AutoModelForCausalLM.from_config(config)
+    calls: list[dict[str, Any]] = []
+    enable = model.gradient_checkpointing_enable
+
+    def record(**kwargs: Any) -> None:
+        calls.append(kwargs)
+        enable(**{**kwargs, "offload": False})
+
+    monkeypatch.setattr(model, "gradient_checkpointing_enable", record)
+    job = spec(method="Full", training={"maxSteps": 1, "batchSize": 2, "maxSeqLength": 64})
+    args = sft_config(
+        job,
+        tmp_path / "out",
+        Precisions(load=torch.float32, bf16=False, fp16=False),
+        cuda=False,
+        checkpointing=Checkpointing(1, "test", offload=True, offload_reason="test"),
+        has_validation=False,
+    )
+    rows = [{"input_ids": list(range(5, 5 + n))} for n in (20, 30)]
+    SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+    ).train()
+    assert calls[-1]["offload"] is True
+    assert calls[-1]["every_n_layers"] == 1
+
+
 @pytest.mark.parametrize(
     ("every", "words"),
     [(1, "every layer"), (2, "every 2nd layer"), (3, "every 3rd layer"), (4, "every 4th layer"),

@@ -71,3 +71,29 @@ def test_a_job_larger_than_the_gpu_is_refused_with_advice(gpu: Any) -> None:
         run(spec(), {})
     assert caught.value.reason == Reason.INSUFFICIENT_GPU_MEMORY
     assert "4.0 GiB" in str(caught.value) or "4 GiB" in str(caught.value)
+
+
+def test_offload_is_checked_against_the_host_memory(
+    gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gpu(139.8)
+    job = spec(
+        training={
+            "batchSize": 4,
+            "gradientCheckpointing": "Enabled",
+            "activationOffload": "Enabled",
+        }
+    )
+    monkeypatch.setenv("KUBETUNE_HOST_MEMORY_GIB", "64")
+    setup, lines = run(job, {})
+    assert setup is not None
+    assert setup.offload_activations
+    assert lines[1].startswith("Host memory for activation offload: ~2.0 GiB, of ")
+    monkeypatch.setenv("KUBETUNE_HOST_MEMORY_GIB", "1")
+    with pytest.raises(PipelineError) as caught:
+        run(job, {})
+    assert caught.value.reason == Reason.INSUFFICIENT_MEMORY
+    assert str(caught.value).startswith(
+        "activation offload needs ~2.0 GiB of host memory, 1.0 GiB available "
+        "(KUBETUNE_HOST_MEMORY_GIB): raise resources.memory"
+    )

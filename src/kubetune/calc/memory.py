@@ -15,7 +15,9 @@ reports) plus a fragmentation margin and the CUDA context. Components, in bytes:
   checkpointing a checkpointed layer keeps only its input and one layer is recomputed at a
   time. Checkpointing every n-th layer (`checkpoint_every`, transformers' `every_n_layers`)
   keeps the full activations of the others: the least recomputation that fits is what
-  `least_checkpointing` finds for `gradientCheckpointing: Auto`.
+  `least_checkpointing` finds for `gradientCheckpointing: Auto`. With activation offload
+  (`offload_activations`, transformers' `offload`) the checkpointed layers' inputs wait in
+  pinned host memory instead: one is on the GPU at a time.
 - logits: a fused, chunked LM-head loss (TRL >= 1.16) keeps a bf16 4096 x 32768 tile and the
   hidden states it scores; the plain
   loss keeps bf16 logits, their fp32 copy and log-softmax (12 bytes per token per vocab entry).
@@ -103,6 +105,8 @@ class TrainingSetup:
         gradient_checkpointing: recompute activations in the backward pass.
         checkpoint_every: with gradient_checkpointing, checkpoint layers 0, n, 2n, ... only
             (1: every layer).
+        offload_activations: with gradient_checkpointing, the checkpointed layers' inputs
+            wait in pinned host memory (`host_offload_gib`) instead of GPU memory.
         precision: Auto (= BF16), BF16, FP16 or FP32.
         optimizer: Auto (PagedAdamW8bit for QLoRA, else AdamW) or a named one.
         gpus: GPUs that train together.
@@ -133,6 +137,7 @@ class TrainingSetup:
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
     gradient_checkpointing: bool = True
     checkpoint_every: int = 1
+    offload_activations: bool = False
     precision: Precision = Precision.AUTO
     optimizer: Optimizer = Optimizer.AUTO
     gpus: int = 1
@@ -191,6 +196,8 @@ class MemoryEstimate:
     optimizer: Optimizer
     precision: Precision
     notes: tuple[str, ...] = ()
+    host_offload_gib: float = 0.0
+    """Pinned host memory that activation offload takes (not part of `total_gib`)."""
 
     def components(self) -> list[tuple[str, float]]:
         """(label, GiB) rows that add up to `total_gib`."""
@@ -293,7 +300,15 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
     working, layer_input = float(layer.working * scale), float(layer.layer_input * scale)
     checkpointed = replace(setup, gradient_checkpointing=gc).checkpointed_layers(arch.num_layers)
     kept = arch.num_layers - checkpointed  # layers that keep all their activations
-    stored = checkpointed * layer_input + kept * saved
+    offloaded = layer_input * checkpointed if setup.offload_activations and not setup.host else 0
+    if offloaded:  # one checkpointed input is on the GPU at a time, on its way out or back
+        stored = layer_input + kept * saved
+        notes.append(
+            f"activation offload: {offloaded / GIB:.1f} GiB of checkpointed layer inputs "
+            "in pinned host memory"
+        )
+    else:
+        stored = checkpointed * layer_input + kept * saved
     if checkpointed:
         layer_peak = saved + working
         end_of_backward = layer_input + saved + working
@@ -355,6 +370,7 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup) -> MemoryEstimate:
         optimizer=optimizer,
         precision=precision,
         notes=tuple(notes),
+        host_offload_gib=offloaded / GIB,
     )
 
 

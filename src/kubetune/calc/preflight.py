@@ -11,6 +11,9 @@ How `Auto` settings are read:
   GPU memory is unknown). Chains with a RewardModel or RLHF stage checkpoint every layer:
   their generation and scoring memory is not modelled closely enough to spend the margin.
   Prefix tuning never checkpoints.
+- `training.activationOffload: Auto` is on only when the step does not fit with the
+  checkpointing above but fits once the checkpointed layers' inputs wait in host memory
+  (GPUs only).
 - `training.optimizer: Auto` is PagedAdamW8bit for QLoRA, AdamW otherwise.
 - `training.precision: Auto` is BF16 (FP16 on GPUs without bf16 takes the same memory).
 - Each stage is checked with its own batch size; preference stages (DPO, ORPO, KTO, SimPO,
@@ -159,10 +162,12 @@ def stage_setups(
     *,
     host: bool = False,
     dense_attention: bool = False,
+    offload_activations: bool = False,
 ) -> list[tuple[str, TrainingSetup]]:
     """One TrainingSetup per stage of the spec, as the trainer will run it on `gpus` GPUs per
     pod (sharding spans every node: the setup's GPU count is gpus x distributed.nodes), with
-    gradient checkpointing on every `checkpoint_every`-th layer when it is on. `data_tokens`
+    gradient checkpointing on every `checkpoint_every`-th layer when it is on (their inputs
+    in host memory with `offload_activations`). `data_tokens`
     maps a stage's index to the most tokens one of its micro-batches holds in the prepared
     data (stages without an entry are planned at maxSeqLength).
 
@@ -190,6 +195,7 @@ def stage_setups(
         adapter=adapter_settings(spec),
         gradient_checkpointing=gradient_checkpointing,
         checkpoint_every=checkpoint_every,
+        offload_activations=offload_activations and not host,
         precision=training.precision,
         optimizer=training.optimizer,
         gpus=max(gpus, 1) * (distributed.nodes if distributed else 1),
@@ -245,7 +251,10 @@ def _evaluate(
     host: bool = False,
     dense_attention: bool = False,
 ) -> tuple[str, TrainingSetup, MemoryEstimate]:
-    def setups(enabled: bool, every: int) -> list[tuple[str, TrainingSetup]]:
+    training = spec.training or TrainingSpec()
+    offload = training.activation_offload == Toggle.ENABLED
+
+    def setups(enabled: bool, every: int, offload: bool) -> list[tuple[str, TrainingSetup]]:
         return stage_setups(
             spec,
             gpus,
@@ -255,17 +264,30 @@ def _evaluate(
             data_tokens,
             host=host,
             dense_attention=dense_attention,
+            offload_activations=offload,
         )
 
-    toggle = (spec.training or TrainingSpec()).gradient_checkpointing
+    toggle = training.gradient_checkpointing
     if toggle != Toggle.AUTO:
-        return _worst(arch, setups(toggle == Toggle.ENABLED, 1))
-    if gpu_memory_gib is None or not partial_checkpointing_allowed(spec):
-        return _worst(arch, setups(True, 1))
-    for every in checkpointing_options(arch.num_layers):  # ends with every layer (1)
-        worst = _worst(arch, setups(every > 0, max(every, 1)))
-        if worst[2].total_gib <= gpu_memory_gib:
-            break
+        worst = _worst(arch, setups(toggle == Toggle.ENABLED, 1, offload))
+    elif gpu_memory_gib is None or not partial_checkpointing_allowed(spec):
+        worst = _worst(arch, setups(True, 1, offload))
+    else:
+        for every in checkpointing_options(arch.num_layers):  # ends with every layer (1)
+            worst = _worst(arch, setups(every > 0, max(every, 1), offload))
+            if worst[2].total_gib <= gpu_memory_gib:
+                break
+    setup = worst[1]
+    if (
+        training.activation_offload == Toggle.AUTO
+        and not host
+        and setup.gradient_checkpointing
+        and gpu_memory_gib is not None
+        and worst[2].total_gib > gpu_memory_gib
+    ):  # the last resort before refusing: the checkpointed inputs wait in host memory
+        offloaded = _worst(arch, setups(True, setup.checkpoint_every, True))
+        if offloaded[2].total_gib <= gpu_memory_gib:
+            return offloaded
     return worst
 
 
@@ -419,8 +441,21 @@ def alternatives(arch: Architecture, setup: TrainingSetup, memory: float) -> lis
 def _gpu_alternatives(
     arch: Architecture, setup: TrainingSetup, gc_on: TrainingSetup, memory: float
 ) -> list[str]:
-    """QLoRA, more GPUs with sharding and CPU offload: the changes only a GPU run has."""
+    """Activation offload, QLoRA, more GPUs with sharding and CPU offload: the changes only
+    a GPU run has."""
     options = []
+    offloaded = replace(gc_on, offload_activations=True)
+    if (
+        not setup.offload_activations
+        and setup.method != Method.PREFIX_TUNING
+        and not _fits(arch, gc_on, memory)
+        and _fits(arch, offloaded, memory)
+    ):
+        gc = "" if setup.gradient_checkpointing else " with gradient checkpointing"
+        options.append(
+            f"set training.activationOffload to Enabled{gc} (checkpointed layer inputs "
+            "in host memory)"
+        )
     if setup.method in (Method.LORA, Method.FULL):
         qlora = replace(gc_on, method=Method.QLORA, optimizer=setup.optimizer)
         if _fits(arch, qlora, memory):

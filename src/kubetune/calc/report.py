@@ -97,6 +97,7 @@ def calculate(
     setup: TrainingSetup,
     *,
     auto_checkpointing: bool = False,
+    auto_offload: bool = False,
     gpu: GPUClass | None = None,
     gpu_memory_gib: float | None = None,
     tokens: int | None = None,
@@ -112,6 +113,8 @@ def calculate(
         auto_checkpointing: decide gradient checkpointing like `Auto` does (off when the step
             fits without it, else the fewest checkpointed layers that fit) instead of taking
             `setup.gradient_checkpointing`.
+        auto_offload: decide activation offload like `Auto` does (only when the step does
+            not fit otherwise, checkpointing on) instead of taking `setup.offload_activations`.
         gpu: a GPU class (its memory and peak rate), if known.
         gpu_memory_gib: memory of one GPU (default: the class's).
         tokens: trained tokens per epoch, for time and GPU-hours.
@@ -124,6 +127,10 @@ def calculate(
         every = least_checkpointing(arch, setup, memory_gib) if memory_gib is not None else 1
         setup = with_checkpointing(setup, every)
     memory = estimate_memory(arch, setup)
+    if auto_offload and memory_gib is not None and memory.total_gib > memory_gib:
+        offloaded = replace(setup, gradient_checkpointing=True, offload_activations=True)
+        if estimate_memory(arch, offloaded).total_gib <= memory_gib:
+            setup, memory = offloaded, estimate_memory(arch, offloaded)
     setup = replace(setup, gradient_checkpointing=memory.gradient_checkpointing)
     fits = None if memory_gib is None else memory.total_gib <= memory_gib
     advice = ""
@@ -183,6 +190,7 @@ def to_json(calc: Calculation) -> dict[str, Any]:
             "tokensPerMicroBatch": mem.tokens_per_micro_batch,
             "gradientCheckpointing": mem.gradient_checkpointing,
             "checkpointedLayers": mem.checkpointed_layers,
+            "activationOffload": mem.host_offload_gib > 0,
             "precision": mem.precision.value,
             "optimizer": mem.optimizer.value,
             "gpus": setup.gpus,
@@ -212,6 +220,7 @@ def to_json(calc: Calculation) -> dict[str, Any]:
             "fragmentationGiB": _r(mem.fragmentation_gib),
             "cudaContextGiB": _r(mem.cuda_context_gib),
             "totalGiB": _r(mem.total_gib),
+            "hostOffloadGiB": _r(mem.host_offload_gib),
             "notes": list(mem.notes),
         },
         "gpu": {
@@ -267,6 +276,8 @@ def render_text(calc: Calculation) -> str:
     if mem.gradient_checkpointing:
         layers = mem.checkpointed_layers
         gc = "on" if layers == arch.num_layers else f"on for {layers} of {arch.num_layers} layers"
+        if mem.host_offload_gib:
+            gc += ", inputs offloaded to host memory"
     pairs = "2 x " if setup.sequences_per_example == 2 else ""
     lines = [
         f"{arch.name} ({arch.model_type}, {_count(parameter_count(arch))} parameters): "

@@ -227,10 +227,12 @@ def size_gpus(spec: FineTuneJobSpec, settings: OperatorSettings) -> GPUSizing:
             "memory is unknown; the pod gets 1 GPU and the trainer's preflight check decides"
         )
         return _sized(1, None, arch, check, settings, note)
-    for gpu in classes:
-        fit = _first_fit(spec, arch, gpu)
-        if fit is not None:
-            return _sized(fit[0], gpu, arch, fit[1], settings)
+    fits = [(gpu, fit) for gpu in classes if (fit := _first_fit(spec, arch, gpu)) is not None]
+    # A class the job fits without activation offload (which slows every step) comes first.
+    fits.sort(key=lambda pair: pair[1][1].setup.offload_activations)
+    if fits:
+        gpu, (count, check) = fits[0]
+        return _sized(count, gpu, arch, check, settings)
     raise _refusal(spec, arch, classes, named is not None, settings)
 
 

@@ -6,7 +6,7 @@ API's names (LoRA, QLoRA, PrefixTuning, …) are translated here and nowhere els
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +94,11 @@ class Checkpointing:
 
     reason: str = ""
 
+    offload: bool = False
+    """The checkpointed layers' inputs wait in pinned host memory (transformers' `offload`)."""
+
+    offload_reason: str = ""
+
     @property
     def enabled(self) -> bool:
         return self.every_n_layers > 0
@@ -102,7 +107,10 @@ class Checkpointing:
         """The Trainer's `gradient_checkpointing_kwargs`."""
         if not self.enabled:
             return None
-        return {"use_reentrant": False, "every_n_layers": self.every_n_layers}
+        kwargs: dict[str, Any] = {"use_reentrant": False, "every_n_layers": self.every_n_layers}
+        if self.offload:
+            kwargs["offload"] = True
+        return kwargs
 
     def describe(self) -> str:
         if not self.enabled:
@@ -110,6 +118,9 @@ class Checkpointing:
         n = self.every_n_layers
         which = "every layer" if n == 1 else f"every {n}{_ordinal_suffix(n)} layer"
         return f"on, {which} ({self.reason})"
+
+    def describe_offload(self) -> str:
+        return f"{'on' if self.offload else 'off'} ({self.offload_reason})"
 
 
 def _ordinal_suffix(n: int) -> str:
@@ -126,7 +137,36 @@ def gradient_checkpointing(
     (`planned`: its TrainingSetup): off when the step fits without it, else the fewest
     checkpointed layers that fit. Without a plan (an architecture the calculator does not
     know, or a CPU whose available memory is unknown) it is every layer on GPUs and off on
-    CPUs (speed). Prefix tuning never uses it (PEFT's prefix tuning fails with it)."""
+    CPUs (speed). Prefix tuning never uses it (PEFT's prefix tuning fails with it).
+    Activation offload follows `activation_offload`."""
+    plan = _checkpointing(spec, cuda, planned)
+    offload, why = activation_offload(spec, cuda, plan, planned)
+    return replace(plan, offload=offload, offload_reason=why)
+
+
+def activation_offload(
+    spec: FineTuneJobSpec, cuda: bool, plan: Checkpointing, planned: TrainingSetup | None
+) -> tuple[bool, str]:
+    """Whether the checkpointed layers' inputs wait in host memory, and why: Enabled and
+    Disabled as set, Auto as the memory preflight planned; never without checkpointing or
+    a GPU (a CPU run's activations are in host memory already)."""
+    toggle = (spec.training or TrainingSpec()).activation_offload
+    if not plan.enabled:
+        return False, "no layer is checkpointed"
+    if not cuda:
+        return False, "a CPU run keeps its activations in host memory already"
+    if toggle == Toggle.ENABLED:
+        return True, "training.activationOffload is Enabled"
+    if toggle == Toggle.DISABLED:
+        return False, "training.activationOffload is Disabled"
+    if planned is not None and planned.offload_activations:
+        return True, "Auto: the step fits in GPU memory only with it"
+    return False, "Auto: not needed to fit in GPU memory"
+
+
+def _checkpointing(
+    spec: FineTuneJobSpec, cuda: bool, planned: TrainingSetup | None
+) -> Checkpointing:
     toggle = (spec.training or TrainingSpec()).gradient_checkpointing
     if spec.method == Method.PREFIX_TUNING:
         return Checkpointing(0, "prefix tuning trains without it")

@@ -218,6 +218,8 @@ def _run_pipeline(
     models.undo_cpu_inference_packing(model)
     checkpointing = models.gradient_checkpointing(spec, cuda, planned)
     log(f"Gradient checkpointing: {checkpointing.describe()}")
+    if checkpointing.enabled and cuda:
+        log(f"Activation offload: {checkpointing.describe_offload()}")
     model = models.prepare_model(spec, model, str(resolved.path), checkpointing=checkpointing)
     fuse_update = not distributed.shards_parameters(spec)
     if lean.enabled and kernels.apply_lean_adapters(model, fuse_update=fuse_update):
@@ -527,7 +529,48 @@ def _preflight(
     log(f"Memory estimate: {verdict.needed_gib:.1f} GiB per GPU of {memory_gib:.1f} GiB{by_data}")
     if verdict.fits is False:
         raise PipelineError(Reason.INSUFFICIENT_GPU_MEMORY, verdict.advice)
+    if verdict.setup.offload_activations and verdict.estimate.host_offload_gib:
+        _check_offload_memory(verdict.estimate.host_offload_gib, log)
     return verdict.setup
+
+
+def _host_share() -> tuple[float | None, str]:
+    """This process's share of the host memory still available (None when it cannot be
+    read), and what bounds it; the trainer processes on one machine share it equally."""
+    from kubetune.calc import host
+
+    try:
+        memory = host.memory_budget()
+    except ValueError as exc:
+        raise PipelineError(Reason.INVALID_SPEC, str(exc)) from exc
+    processes = distributed.topology().local_world_size
+    share = memory.available_gib / processes if memory else None
+    source = memory.source if memory else "this machine"
+    if processes > 1:
+        source += f", shared by {processes} processes"
+    return share, source
+
+
+def _check_offload_memory(needed_gib: float, log: Log) -> None:
+    """Activation offload keeps the checkpointed layers' inputs in pinned host memory,
+    which the container's memory limit counts: refuse the run before training when it
+    cannot hold them."""
+    share, source = _host_share()
+    if share is None:
+        log(f"Host memory for activation offload: ~{needed_gib:.1f} GiB; available unknown")
+        return
+    log(
+        f"Host memory for activation offload: ~{needed_gib:.1f} GiB, of {share:.1f} GiB "
+        f"available ({source})"
+    )
+    if needed_gib > share:
+        raise PipelineError(
+            Reason.INSUFFICIENT_MEMORY,
+            f"activation offload needs ~{needed_gib:.1f} GiB of host memory, {share:.1f} GiB "
+            f"available ({source}): raise resources.memory, or set "
+            "training.activationOffload to Disabled with a smaller training.batchSize or "
+            "training.maxSeqLength",
+        )
 
 
 def _host_preflight(
@@ -543,15 +586,7 @@ def _host_preflight(
     from kubetune.calc import host
     from kubetune.calc.preflight import host_preflight
 
-    try:
-        memory = host.memory_budget()
-    except ValueError as exc:
-        raise PipelineError(Reason.INVALID_SPEC, str(exc)) from exc
-    processes = distributed.topology().local_world_size
-    share = memory.available_gib / processes if memory else None
-    source = memory.source if memory else "this machine"
-    if processes > 1:
-        source += f", shared by {processes} processes"
+    share, source = _host_share()
     verdict = host_preflight(
         spec,
         arch,

@@ -10,7 +10,7 @@ import pytest
 
 from kubetune.api.contract import Reason
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
-from kubetune.calc import load_architecture, preflight
+from kubetune.calc import KNOWN_ARCHITECTURES, load_architecture, preflight
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.sizing import (
     MAX_GRACE_SECONDS,
@@ -115,7 +115,8 @@ def test_auto_refused_on_the_named_class_points_to_one_that_fits() -> None:
     assert "up to 8 GPUs of class l4-24gb (22.5 GiB each)" in error.message
     assert "needs ~42 GiB of GPU memory" in error.message
     assert "lower training.batchSize" in error.message
-    assert "it fits on gpuClass h100-80gb" in error.message
+    # On the A100 only with its checkpointed inputs in host memory.
+    assert "it fits on gpuClass a100-40gb or h100-80gb" in error.message
 
 
 def test_auto_refused_everywhere_lists_the_classes_and_the_advice() -> None:
@@ -215,3 +216,25 @@ def test_grace_period_is_clamped(model: str, method: str, bandwidth: int, expect
     )
     grace, _ = checkpoint_grace(arch, estimate, settings)
     assert grace == expected
+
+
+def test_auto_prefers_a_class_that_fits_without_activation_offload() -> None:
+    # The default 8B LoRA job fits the L4 only with its checkpointed inputs in host memory
+    # (slower steps): the A100 that fits without comes first.
+    spec = make_spec()
+    assert preflight(spec, KNOWN_ARCHITECTURES["llama-3.1-8b"], 22.5, 1).setup.offload_activations
+    sizing = size_gpus(spec, SETTINGS)
+    assert sizing.gpu_class is not None
+    assert sizing.gpu_class.name == "a100-40gb"
+    assert sizing.check is not None
+    assert not sizing.check.setup.offload_activations
+
+
+def test_auto_offloads_when_no_class_fits_without_it() -> None:
+    spec = make_spec(training={"batchSize": 32, "maxSeqLength": 4096})
+    sizing = size_gpus(spec, SETTINGS)
+    assert sizing.gpu_class is not None
+    assert (sizing.gpus, sizing.gpu_class.name) == (1, "h100-80gb")
+    assert sizing.check is not None
+    assert sizing.check.setup.offload_activations
+    assert sizing.check.estimate.host_offload_gib > 30

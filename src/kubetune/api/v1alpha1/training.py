@@ -118,6 +118,17 @@ class TrainingSpec(ApiModel):
             check=lambda t: t.warmup_ratio is None or t.warmup_steps is None,
             field_path=".warmupSteps",
         ),
+        Rule(
+            cel="self.activationOffload != 'Enabled' || self.gradientCheckpointing != 'Disabled'",
+            message="training.activationOffload moves the inputs of checkpointed layers to "
+            "host memory: set training.gradientCheckpointing to Enabled or Auto, or "
+            "activationOffload to Auto or Disabled",
+            check=lambda t: (
+                t.activation_offload != Toggle.ENABLED
+                or t.gradient_checkpointing != Toggle.DISABLED
+            ),
+            field_path=".activationOffload",
+        ),
     )
 
     epochs: Annotated[StrictInt, Field(ge=1, le=1000)] | None = None
@@ -163,6 +174,13 @@ class TrainingSpec(ApiModel):
     gradient_checkpointing: Toggle = Toggle.AUTO
     """Recompute activations in the backward pass (Auto: on when the calculator says memory
     is short)."""
+
+    activation_offload: Toggle = Toggle.AUTO
+    """Keep the inputs of checkpointed layers in pinned host memory instead of GPU memory:
+    frees about layers x tokens x hidden size x 2 bytes per GPU and costs a copy to the host
+    and back per layer and step (GPUs only; needs gradient checkpointing). Auto: on when the
+    calculator says the step does not fit in GPU memory with every layer checkpointed but
+    fits with the offload."""
 
     optimizer: Optimizer = Optimizer.AUTO
     """Optimizer (Auto: PagedAdamW8bit for QLoRA, AdamW otherwise)."""
