@@ -186,46 +186,67 @@ def test_offload_without_checkpointing_is_refused_with_the_field() -> None:
         spec(training={"activationOffload": "Enabled", "gradientCheckpointing": "Disabled"})
 
 
-def test_the_trainer_hands_offload_to_transformers(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The Trainer passes `offload` from the job's checkpointing to the model when training
-    starts (pinned host memory needs a GPU, so the recorded call trains without it here)."""
+def train_one_step(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    checkpointing: models.Checkpointing,
+    layers: int,
+    prepare: Any = None,
+) -> Any:
+    """One full fine-tuning step of a `layers`-layer tiny Llama through TRL's SFTTrainer with
+    the trainer's arguments on a CPU; `prepare(model)` runs before training. Returns the
+    model."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
     from trl import SFTTrainer
 
-    from kubetune.trainer.models import Checkpointing, Precisions
+    from kubetune.trainer.models import Precisions
     from kubetune.trainer.sft import sft_config
 
     config = LlamaConfig.from_pretrained(tiny_model_dir)
-    config.num_hidden_layers = 2
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    calls: list[dict[str, Any]] = []
-    enable = model.gradient_checkpointing_enable
-
-    def record(**kwargs: Any) -> None:
-        calls.append(kwargs)
-        enable(**{**kwargs, "offload": False})
-
-    monkeypatch.setattr(model, "gradient_checkpointing_enable", record)
+    if prepare is not None:
+        prepare(model)
     job = spec(method="Full", training={"maxSteps": 1, "batchSize": 2, "maxSeqLength": 64})
     args = sft_config(
         job,
         tmp_path / "out",
         Precisions(load=torch.float32, bf16=False, fp16=False),
         cuda=False,
-        checkpointing=Checkpointing(1, "test", offload=True, offload_reason="test"),
+        checkpointing=checkpointing,
         has_validation=False,
     )
-    rows = [{"input_ids": list(range(5, 5 + n))} for n in (20, 30)]
+    rows = [{"input_ids": list(range(5, 5 + n))} for n in (20, 30, 12, 40)]
     SFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
     ).train()
+    return model
+
+
+def test_the_trainer_hands_offload_to_transformers(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Trainer passes `offload` from the job's checkpointing to the model when training
+    starts (pinned host memory needs a GPU, so the recorded call trains without it here)."""
+    calls: list[dict[str, Any]] = []
+
+    def prepare(model: Any) -> None:
+        enable = model.gradient_checkpointing_enable
+
+        def record(**kwargs: Any) -> None:
+            calls.append(kwargs)
+            enable(**{**kwargs, "offload": False})
+
+        monkeypatch.setattr(model, "gradient_checkpointing_enable", record)
+
+    checkpointing = models.Checkpointing(1, "test", offload=True, offload_reason="test")
+    train_one_step(tiny_model_dir, tmp_path, checkpointing, 2, prepare)
     assert calls[-1]["offload"] is True
     assert calls[-1]["every_n_layers"] == 1
 
@@ -244,35 +265,7 @@ def test_the_trainer_checkpoints_every_nth_layer_as_planned(
 ) -> None:
     """The plan reaches the layers: the Trainer enables checkpointing with every_n_layers
     when training starts, and only layers 0, n, 2n, ... recompute."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-    from trl import SFTTrainer
-
-    from kubetune.trainer.models import Checkpointing, Precisions
-    from kubetune.trainer.sft import sft_config
-
-    config = LlamaConfig.from_pretrained(tiny_model_dir)
-    config.num_hidden_layers = 4
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    job = spec(method="Full", training={"maxSteps": 1, "batchSize": 2, "maxSeqLength": 64})
-    args = sft_config(
-        job,
-        tmp_path / "out",
-        Precisions(load=torch.float32, bf16=False, fp16=False),
-        cuda=False,
-        checkpointing=Checkpointing(2, "test"),
-        has_validation=False,
-    )
-    rows = [{"input_ids": list(range(5, 5 + n))} for n in (20, 30, 12, 40)]
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
-    )
-    trainer.train()
+    model = train_one_step(tiny_model_dir, tmp_path, models.Checkpointing(2, "test"), 4)
     flags = [layer.gradient_checkpointing for layer in model.model.layers]
     assert flags == [True, False, True, False]
 
