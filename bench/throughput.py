@@ -117,6 +117,11 @@ PARTS: dict[str, dict[str, Any]] = {
             "lora-2x2048-auto": {"batchSize": 2},
             "lora-8x2048-gc": {"batchSize": 8, "gradientCheckpointing": "Enabled"},
             "lora-4x4096-auto": {"batchSize": 4, "maxSeqLength": 4096},
+            "lora-4x2048-offload": {
+                "batchSize": 4,
+                "gradientCheckpointing": "Enabled",
+                "activationOffload": "Enabled",
+            },
             "qlora-4x2048-gc": {
                 "method": "QLoRA",
                 "batchSize": 4,
