@@ -16,6 +16,7 @@ references (`valueFrom.secretKeyRef`); the operator never reads a Secret's value
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,7 @@ PVC_ROOT = "/mnt/kubetune/pvc"
 TERMINATION_LOG = "/dev/termination-log"
 METRICS_PORT_NAME = "metrics"
 RENDEZVOUS_PORT_NAME = "rendezvous"
+GIB = 2**30
 
 SCRATCH_ENV = {
     "HOME": f"{SCRATCH_DIR}/home",
@@ -135,6 +137,7 @@ class TrainerPlan:
         credentials: Secret keys the trainer gets as environment variables.
         claims: `pvc://` claims to mount, claim name → read-only.
         node_selector: the GPU class's node labels merged with the spec's.
+        memory: the pod's memory request and limit (`pod_memory`).
         notes: what the user should know (e.g. how Auto was sized).
     """
 
@@ -143,6 +146,7 @@ class TrainerPlan:
     credentials: tuple[SecretUse, ...]
     claims: dict[str, bool]
     node_selector: dict[str, str]
+    memory: str = ""
     notes: tuple[str, ...] = ()
 
 
@@ -327,6 +331,30 @@ def _merge_node_selector(
     return merged, problems
 
 
+def pod_memory(
+    resources: ResourcesSpec, sizing: GPUSizing, settings: OperatorSettings
+) -> tuple[str, str]:
+    """The training pod's memory and a note: `resources.memory` when set, else the
+    settings' default plus the pinned host memory that activation offload takes for each
+    GPU of the pod (the note says so; rounded up to whole GiB)."""
+    if resources.memory:
+        return quantity(resources.memory), ""
+    default = quantity(settings.default_memory)
+    check = sizing.check
+    per_gpu = check.estimate.host_offload_gib if check is not None else 0.0
+    if not per_gpu:
+        return default, ""
+    from kubernetes.utils import parse_quantity
+
+    extra = math.ceil(per_gpu * max(sizing.gpus, 1))
+    total = math.ceil(float(parse_quantity(default)) / GIB) + extra
+    note = (
+        f"activation offload keeps ~{extra} GiB of checkpointed activations in host memory: "
+        f"the pod's memory is {default} + {extra}Gi (set resources.memory to choose it)"
+    )
+    return f"{total}Gi", note
+
+
 def plan_trainer(spec: FineTuneJobSpec, settings: OperatorSettings) -> TrainerPlan:
     """Decide the training pod of `spec`, or refuse it with every problem at once.
 
@@ -351,13 +379,15 @@ def plan_trainer(spec: FineTuneJobSpec, settings: OperatorSettings) -> TrainerPl
         problems += clashes
     if problems or sizing is None:
         raise SpecError(problems)
+    memory, memory_note = pod_memory(resources, sizing, settings)
     return TrainerPlan(
         sizing=sizing,
         nodes=spec.distributed.nodes if spec.distributed else 1,
         credentials=tuple(credentials),
         claims=pvc_claims(spec),
         node_selector=node_selector,
-        notes=(sizing.note,) if sizing.note else (),
+        memory=memory,
+        notes=tuple(note for note in (sizing.note, memory_note) if note),
     )
 
 
@@ -487,7 +517,7 @@ def _resources(
 ) -> dict[str, Any]:
     amounts = {
         "cpu": quantity(resources.cpu or settings.default_cpu),
-        "memory": quantity(resources.memory or settings.default_memory),
+        "memory": plan.memory or quantity(resources.memory or settings.default_memory),
     }
     if plan.sizing.gpus > 0:
         amounts[plan.sizing.resource_name] = str(plan.sizing.gpus)

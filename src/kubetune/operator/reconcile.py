@@ -168,6 +168,8 @@ class Reconciler:
                 refusal = await self._create(children.objects)
             if refusal is None:
                 job = children.job
+                for note in children.notes:  # how the pod was sized, when worth saying
+                    await self.kube.post_event(body, "Normal", "Sized", note)
             else:
                 again = backoff(self._waiting.get(key, 0) + 1)
                 self._waiting[key] = self._waiting.get(key, 0) + 1

@@ -643,3 +643,17 @@ def test_requests_per_created_job(env: KubeEnv, namespace: str) -> None:
         ("create", "events"): count,
     }
     assert sum(operator_requests.values()) <= 6 * count
+
+
+def test_how_the_pod_was_sized_is_an_event(env: KubeEnv, namespace: str, cluster: Cluster) -> None:
+    """A sizing note (here: `resources.gpus: Auto` with no GPU classes in the settings)
+    reaches the user as a Normal Event when the Job is created."""
+    ftj = FineTuneJobHandle(env, namespace, "sized")
+    ftj.create(resources={"gpus": "Auto"})
+    cluster.wait_job(ftj.name)
+    _, reason, message = ftj.wait_event("Sized", "resources.gpus Auto")
+    assert reason == "Sized"
+    assert message.startswith(
+        "resources.gpus Auto: the operator settings declare no GPU classes, so the GPU memory "
+        "is unknown; the pod gets 1 GPU"
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -322,6 +323,33 @@ def test_qlora_with_auto_gpus_lands_on_the_smallest_class() -> None:
     assert children.plan.sizing.gpus == 1
     assert pod_spec(children)["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L4"}
     assert trainer(children)["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert children.notes == ()
+
+
+def test_activation_offload_adds_its_host_memory_to_the_pod() -> None:
+    big = {"batchSize": 32, "maxSeqLength": 4096}
+    job = make_job(model={"uri": "hf://meta-llama/Llama-3.1-8B-Instruct"}, training=big)
+    children = build(job)
+    check = children.plan.sizing.check
+    assert check is not None
+    assert check.setup.offload_activations  # the H100 fits it only with offload
+    # 32 layers x 131,072 tokens x 4,096 x 2 bytes of layer inputs
+    extra = math.ceil(check.estimate.host_offload_gib)
+    assert extra == 32
+    memory = f"{64 + extra}Gi"
+    amounts = trainer(children)["resources"]
+    assert amounts["requests"]["memory"] == amounts["limits"]["memory"] == memory
+    assert children.notes == (
+        f"activation offload keeps ~{extra} GiB of checkpointed activations in host memory: "
+        f"the pod's memory is 64Gi + {extra}Gi (set resources.memory to choose it)",
+    )
+    chosen = make_job(
+        model={"uri": "hf://meta-llama/Llama-3.1-8B-Instruct"},
+        training=big,
+        resources={"memory": "48Gi"},
+    )
+    children = build(chosen)
+    assert trainer(children)["resources"]["limits"]["memory"] == "48Gi"
     assert children.notes == ()
 
 
