@@ -254,7 +254,7 @@ def _evaluate(
     training = spec.training or TrainingSpec()
     offload = training.activation_offload == Toggle.ENABLED
 
-    def setups(enabled: bool, every: int, offload: bool) -> list[tuple[str, TrainingSetup]]:
+    def setups(enabled: bool, every: int, offloaded: bool) -> list[tuple[str, TrainingSetup]]:
         return stage_setups(
             spec,
             gpus,
@@ -264,7 +264,7 @@ def _evaluate(
             data_tokens,
             host=host,
             dense_attention=dense_attention,
-            offload_activations=offload,
+            offload_activations=offloaded,
         )
 
     toggle = training.gradient_checkpointing

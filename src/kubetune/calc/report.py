@@ -129,8 +129,9 @@ def calculate(
     memory = estimate_memory(arch, setup)
     if auto_offload and memory_gib is not None and memory.total_gib > memory_gib:
         offloaded = replace(setup, gradient_checkpointing=True, offload_activations=True)
-        if estimate_memory(arch, offloaded).total_gib <= memory_gib:
-            setup, memory = offloaded, estimate_memory(arch, offloaded)
+        offloaded_memory = estimate_memory(arch, offloaded)
+        if offloaded_memory.total_gib <= memory_gib:
+            setup, memory = offloaded, offloaded_memory
     setup = replace(setup, gradient_checkpointing=memory.gradient_checkpointing)
     fits = None if memory_gib is None else memory.total_gib <= memory_gib
     advice = ""

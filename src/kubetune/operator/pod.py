@@ -146,7 +146,7 @@ class TrainerPlan:
     credentials: tuple[SecretUse, ...]
     claims: dict[str, bool]
     node_selector: dict[str, str]
-    memory: str = ""
+    memory: str
     notes: tuple[str, ...] = ()
 
 
@@ -517,7 +517,7 @@ def _resources(
 ) -> dict[str, Any]:
     amounts = {
         "cpu": quantity(resources.cpu or settings.default_cpu),
-        "memory": plan.memory or quantity(resources.memory or settings.default_memory),
+        "memory": plan.memory,
     }
     if plan.sizing.gpus > 0:
         amounts[plan.sizing.resource_name] = str(plan.sizing.gpus)

@@ -529,7 +529,7 @@ def _preflight(
     log(f"Memory estimate: {verdict.needed_gib:.1f} GiB per GPU of {memory_gib:.1f} GiB{by_data}")
     if verdict.fits is False:
         raise PipelineError(Reason.INSUFFICIENT_GPU_MEMORY, verdict.advice)
-    if verdict.setup.offload_activations and verdict.estimate.host_offload_gib:
+    if verdict.estimate.host_offload_gib:  # the plan offloads checkpointed layer inputs
         _check_offload_memory(verdict.estimate.host_offload_gib, log)
     return verdict.setup
 
